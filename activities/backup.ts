@@ -1,0 +1,270 @@
+// Activities of backupWorkflow: load the plan, snapshot each OPA source into
+// the blob store, and seal the backup by writing its manifest.
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { Context } from '@temporalio/activity';
+import { ApplicationFailure } from '@temporalio/common';
+import { FailureType } from '../common/failures';
+import { backupFolder, manifestKey, opaArtifactKey } from '../common/layout';
+import {
+  MANIFEST_FORMAT,
+  MANIFEST_VERSION,
+  type ArtifactRecord,
+  type Manifest,
+  type OpaFacts,
+} from '../common/manifest';
+import type { Plan } from '../common/plan';
+import type {
+  ArtifactReference,
+  BackupWorkflowInput,
+  SealBackupInput,
+  SealBackupResult,
+  SnapshotOpaInput,
+} from '../common/workflow-types';
+import { DigestStream } from './digest';
+import { connectOpa } from './opa/client';
+import { packBundle } from './opa/bundle';
+import { policyFiles, snapshotOpa } from './opa/snapshot';
+import { checkSecretReferences, loadPlanFile, PlanError, validatePlan } from './plan-loader';
+import { openBlobStore } from './storage';
+import { activityLogger } from './logging';
+
+/** gzip level of OPA bundles: 1 is fastest. Bundles of base documents compress well even at 1. */
+const BUNDLE_GZIP_LEVEL = 1;
+
+function invalidPlan(error: PlanError): ApplicationFailure {
+  return ApplicationFailure.create({ type: FailureType.InvalidPlan, nonRetryable: true, message: error.message });
+}
+
+/** Validates the workflow's plan on the worker and checks that its secret references resolve here. */
+export async function loadPlan(input: BackupWorkflowInput): Promise<Plan> {
+  let plan: Plan;
+  try {
+    if (input.plan && input.planFile) {
+      throw new PlanError('workflow input', [{ path: '', message: 'set either "plan" or "planFile", not both' }]);
+    }
+    if (input.planFile) plan = loadPlanFile(input.planFile);
+    else if (input.plan) plan = validatePlan(input.plan, 'workflow input plan');
+    else throw new PlanError('workflow input', [{ path: '', message: 'missing "plan" or "planFile"' }]);
+  } catch (error) {
+    if (error instanceof PlanError) throw invalidPlan(error);
+    throw error;
+  }
+  const secretIssues = checkSecretReferences(plan);
+  if (secretIssues.length > 0) {
+    throw ApplicationFailure.create({
+      type: FailureType.MissingSecret,
+      nonRetryable: true,
+      message: new PlanError(input.planFile ?? `plan ${plan.name}`, secretIssues).message,
+    });
+  }
+  return plan;
+}
+
+/**
+ * Snapshots one OPA source into a bundle in the blob store. A retry starts
+ * from the beginning and overwrites the same keys; the blob store never shows
+ * a half-written object, and nothing counts as a backup before the manifest.
+ */
+export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<ArtifactReference> {
+  const context = Context.current();
+  const { plan, backupId } = input;
+  const index = (plan.sources.opa ?? []).findIndex((source) => source.name === input.source);
+  if (index < 0) {
+    throw ApplicationFailure.create({
+      type: FailureType.InvalidPlan,
+      nonRetryable: true,
+      message: `plan ${plan.name} has no OPA source named "${input.source}"`,
+    });
+  }
+  const source = plan.sources.opa![index];
+  const log = activityLogger({ backupId, source: source.name, plan: plan.name });
+  const startedAt = new Date().toISOString();
+  log.info({ url: source.url, attempt: context.info.attempt }, 'OPA snapshot started');
+
+  const store = openBlobStore(plan.destination);
+  const folder = backupFolder(plan.name, backupId);
+  const key = opaArtifactKey(source.name);
+  const workDirectory = await mkdtemp(path.join(tmpdir(), `opa-backup-${source.name}-`));
+  const signal = context.cancellationSignal;
+  let uploadedBytes = 0;
+  let phase = 'policies';
+  let dataBytes = 0;
+  const heartbeat = (): void => context.heartbeat({ phase, dataBytes, uploadedBytes });
+
+  try {
+    const connection = connectOpa(source, index);
+    const snapshot = await snapshotOpa(connection, {
+      probes: source.probes ?? [],
+      dataFile: path.join(workDirectory, 'data.json'),
+      signal,
+      onProgress: (progress) => {
+        phase = progress.phase;
+        dataBytes = progress.dataBytes;
+        heartbeat();
+      },
+    });
+
+    phase = 'upload';
+    heartbeat();
+    const policies = policyFiles(snapshot.modules);
+    const revision = `${plan.name}/${backupId}/${source.name}`;
+    const bundle = packBundle({
+      revision,
+      regoVersion: snapshot.regoVersion,
+      modules: snapshot.modules,
+      policies,
+      dataFile: path.join(workDirectory, 'data.json'),
+      gzipLevel: BUNDLE_GZIP_LEVEL,
+      metadata: {
+        opa_backup: {
+          plan: plan.name,
+          backup_id: backupId,
+          source: source.name,
+          policy_ids: Object.fromEntries(policies.map((policy) => [policy.file, policy.id])),
+        },
+      },
+    });
+    const hasher = new DigestStream();
+    bundle.stream.on('error', (error) => hasher.destroy(error));
+    bundle.stream.pipe(hasher);
+    const { size } = await store.put(`${folder}/${key}`, hasher, {
+      contentType: 'application/gzip',
+      signal,
+      onProgress: (bytes) => {
+        uploadedBytes = bytes;
+        heartbeat();
+      },
+    });
+    const sha256 = hasher.digest();
+
+    const facts: OpaFacts = {
+      url: source.url,
+      opaVersion: snapshot.opaVersion,
+      regoVersion: snapshot.regoVersion,
+      policies,
+      rulePaths: snapshot.rulePaths,
+      dataSha256: await bundle.dataSha256,
+      dataBytes: snapshot.dataBytes,
+      loadedBundles: snapshot.loadedBundles,
+      probes: snapshot.probes,
+      bundleRevision: revision,
+    };
+    const factsText = JSON.stringify(facts);
+    const factsKey = `opa/${source.name}.facts.json`;
+    await store.put(`${folder}/${factsKey}`, Readable.from([Buffer.from(factsText)]), { contentType: 'application/json' });
+
+    const completedAt = new Date().toISOString();
+    log.info({ key, size, sha256, policies: policies.length, dataBytes: snapshot.dataBytes }, 'OPA snapshot stored');
+    return {
+      kind: 'opa-bundle',
+      source: source.name,
+      key,
+      size,
+      sha256,
+      factsKey,
+      factsSha256: createHash('sha256').update(factsText).digest('hex'),
+      startedAt,
+      completedAt,
+    };
+  } catch (error) {
+    log.warn({ error: (error as Error).message, attempt: context.info.attempt }, 'OPA snapshot failed');
+    if (error instanceof ApplicationFailure || (error as Error).name === 'AbortError') throw error;
+    throw ApplicationFailure.create({
+      type: FailureType.StorageFailed,
+      message: `snapshot of OPA "${source.name}" failed: ${(error as Error).message}`,
+      cause: error as Error,
+    });
+  } finally {
+    await rm(workDirectory, { recursive: true, force: true });
+  }
+}
+
+async function readSmallObject(store: ReturnType<typeof openBlobStore>, key: string): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of await store.get(key)) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+/**
+ * Writes manifest.json, the commit point of a backup. Before that it checks
+ * each artifact's stored size and reads its facts, so the manifest only ever
+ * lists objects that exist as they were written.
+ */
+export async function sealBackup(input: SealBackupInput): Promise<SealBackupResult> {
+  const { plan, backupId } = input;
+  const log = activityLogger({ backupId, plan: plan.name });
+  const store = openBlobStore(plan.destination);
+  const folder = backupFolder(plan.name, backupId);
+  const key = manifestKey(plan.name, backupId);
+
+  // A retry after the manifest was written (say the worker died before it
+  // reported back) finds the manifest and returns it instead of writing anew.
+  if (await store.stat(key)) {
+    const existing = await readSmallObject(store, key);
+    const manifest = JSON.parse(existing.toString('utf8')) as Manifest;
+    if (manifest.workflow.runId === input.workflow.runId) {
+      return {
+        manifestKey: key,
+        manifestSha256: createHash('sha256').update(existing).digest('hex'),
+        status: manifest.status,
+      };
+    }
+  }
+
+  const artifacts: ArtifactRecord[] = [];
+  for (const reference of input.artifacts) {
+    const stored = await store.stat(`${folder}/${reference.key}`);
+    if (!stored || stored.size !== reference.size) {
+      throw ApplicationFailure.create({
+        type: FailureType.StorageFailed,
+        message: `cannot seal backup ${backupId}: ${reference.key} in ${store.description} has ${stored ? `${stored.size} bytes` : 'disappeared'}, expected ${reference.size} bytes`,
+      });
+    }
+    const factsText = await readSmallObject(store, `${folder}/${reference.factsKey}`);
+    const factsSha256 = createHash('sha256').update(factsText).digest('hex');
+    if (factsSha256 !== reference.factsSha256) {
+      throw ApplicationFailure.create({
+        type: FailureType.StorageFailed,
+        message: `cannot seal backup ${backupId}: ${reference.factsKey} in ${store.description} changed after it was written`,
+      });
+    }
+    artifacts.push({
+      kind: reference.kind,
+      source: reference.source,
+      key: reference.key,
+      size: reference.size,
+      sha256: reference.sha256,
+      startedAt: reference.startedAt,
+      completedAt: reference.completedAt,
+      facts: JSON.parse(factsText.toString('utf8')) as OpaFacts,
+    });
+  }
+
+  const status = input.failures.length > 0 ? 'partial' : 'complete';
+  const manifest: Manifest = {
+    format: MANIFEST_FORMAT,
+    version: MANIFEST_VERSION,
+    backupId,
+    plan: plan.name,
+    status,
+    startedAt: input.startedAt,
+    completedAt: new Date().toISOString(),
+    workflow: input.workflow,
+    artifacts,
+    failures: input.failures,
+  };
+  const text = Buffer.from(JSON.stringify(manifest, null, 2) + '\n');
+  await store.put(key, Readable.from([text]), { contentType: 'application/json' });
+  for (const reference of input.artifacts) await store.delete(`${folder}/${reference.factsKey}`);
+  log.info({ key, status, artifacts: artifacts.length, failures: input.failures.length }, 'backup sealed');
+  return { manifestKey: key, manifestSha256: createHash('sha256').update(text).digest('hex'), status };
+}
+
+/** Describes the plan's destination, for results and messages. */
+export async function describeDestination(plan: Plan): Promise<string> {
+  return openBlobStore(plan.destination).description;
+}

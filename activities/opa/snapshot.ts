@@ -1,0 +1,311 @@
+// Takes a snapshot of one live OPA instance without evaluating its rules.
+//
+// GET /v1/data evaluates every rule: a rule that calls http.send fires, and a
+// rule that fails at evaluation turns the whole answer into a 500. There is no
+// parameter that returns base documents alone. So the snapshot reads the rule
+// paths from the policy ASTs and, for every prefix of a rule path, runs one
+// query of the form
+//
+//   x := object.remove(data.P, [rules and prefixes under P]) with data.P.r as null ...
+//
+// The `with` modifiers replace every rule under P by a constant, so no
+// user-written rule runs, and object.remove drops those keys again. Subtrees
+// that hold no rules are streamed into data.json byte for byte, which keeps
+// numbers exactly as OPA stored them.
+import { open, type FileHandle } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { ApplicationFailure } from '@temporalio/common';
+import { FailureType } from '../../common/failures';
+import type { PolicyRecord, RecordedProbe } from '../../common/manifest';
+import type { Probe } from '../../common/plan';
+import { opaJson, opaRequest, type OpaConnection } from './client';
+import { JsonValueExtractor, JsonShapeError, type JsonPathStep } from './json-extract';
+import { dataReference, PathNode, ruleTree, type PolicyModule } from './rules';
+
+/** Keys under data.system that OPA itself writes. Restoring them would fake bundle ownership. */
+export const OPA_MANAGED_SYSTEM_KEYS = ['bundles', 'version'];
+
+export interface SnapshotProgress {
+  phase: 'policies' | 'data' | 'probes';
+  dataBytes: number;
+}
+
+export interface SnapshotOptions {
+  probes: Probe[];
+  /** File that receives data.json. */
+  dataFile: string;
+  signal?: AbortSignal;
+  onProgress?: (progress: SnapshotProgress) => void;
+}
+
+export interface OpaSnapshot {
+  modules: Array<{ id: string; raw: string }>;
+  regoVersion: 0 | 1;
+  opaVersion?: string;
+  rulePaths: string[];
+  dataBytes: number;
+  loadedBundles: Record<string, { revision?: string; etag?: string }>;
+  probes: RecordedProbe[];
+}
+
+interface QueryResponse<T> {
+  result?: Array<{ x: T }>;
+}
+
+/** Runs a query whose answer is small, and returns the binding of x, or undefined. */
+async function queryValue<T>(connection: OpaConnection, query: string, signal?: AbortSignal): Promise<T | undefined> {
+  const { body } = await opaJson<QueryResponse<T>>(connection, 'POST', 'v1/query', {
+    body: JSON.stringify({ query }),
+    signal,
+  });
+  return body.result && body.result.length > 0 ? body.result[0].x : undefined;
+}
+
+/** Learns which Rego version the server parses REST-managed policies with: `some x in xs` needs an import in v0. */
+async function detectRegoVersion(connection: OpaConnection, signal?: AbortSignal): Promise<0 | 1> {
+  const response = await opaRequest(connection, 'POST', 'v1/query', {
+    body: JSON.stringify({ query: 'x := [y | some y in [1]]' }),
+    signal,
+    acceptStatuses: (status) => status === 200 || status === 400,
+  });
+  response.resume();
+  await new Promise((resolve) => response.on('end', resolve));
+  return response.statusCode === 400 ? 0 : 1;
+}
+
+/** Writes data.json through explicit file positions, so an empty subtree can be taken back. */
+class PositionedWriter {
+  position = 0;
+  constructor(private readonly handle: FileHandle) {}
+
+  async write(data: Buffer | string): Promise<void> {
+    const buffer = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+    let offset = 0;
+    while (offset < buffer.length) {
+      const { bytesWritten } = await this.handle.write(buffer, offset, buffer.length - offset, this.position);
+      offset += bytesWritten;
+      this.position += bytesWritten;
+    }
+  }
+}
+
+function withClauses(node: PathNode, path: string[]): string {
+  return node
+    .rulePaths()
+    .map((relative) => ` with ${dataReference([...path, ...relative])} as null`)
+    .join('');
+}
+
+/**
+ * Streams the value bound to x in a query answer into the writer, without its
+ * outer braces, and returns the number of bytes written. The value must be an
+ * object; an undefined result writes nothing.
+ */
+async function streamObjectMembers(
+  connection: OpaConnection,
+  query: string,
+  writer: PositionedWriter,
+  context: { signal?: AbortSignal; onBytes: (bytes: number) => void; what: string },
+): Promise<number> {
+  const response = await opaRequest(connection, 'POST', 'v1/query', {
+    body: JSON.stringify({ query }),
+    signal: context.signal,
+  });
+  const start = writer.position;
+  let pending: Buffer[] = [];
+  let first = true;
+  const steps: JsonPathStep[] = ['result', 0, 'x'];
+  const extractor = new JsonValueExtractor(steps, (slice) => {
+    if (first) {
+      first = false;
+      if (slice[0] !== 0x7b) {
+        throw new JsonShapeError(`${context.what} is not an object`);
+      }
+      slice = slice.subarray(1);
+    }
+    if (slice.length > 0) pending.push(slice);
+  });
+  try {
+    for await (const chunk of response) {
+      extractor.write(chunk as Buffer);
+      for (const slice of pending) await writer.write(slice);
+      context.onBytes((chunk as Buffer).length);
+      pending = [];
+    }
+    extractor.end();
+  } catch (error) {
+    if (error instanceof JsonShapeError) {
+      throw ApplicationFailure.create({
+        type: FailureType.InvalidResponse,
+        message: `snapshot of OPA "${connection.source}" failed: the answer for ${context.what} is not valid: ${error.message}`,
+      });
+    }
+    throw error;
+  }
+  if (!extractor.found) return 0;
+  // Take back the closing brace of the object.
+  writer.position -= 1;
+  return writer.position - start;
+}
+
+/**
+ * Writes the base documents under `path` as a JSON object and returns whether
+ * it holds any member. An object that only rules populate is left out, which
+ * is how the restored OPA shows it too.
+ */
+async function writeBaseDocuments(
+  connection: OpaConnection,
+  node: PathNode,
+  path: string[],
+  writer: PositionedWriter,
+  context: { signal?: AbortSignal; onBytes: (bytes: number) => void },
+): Promise<boolean> {
+  await writer.write('{');
+  const excluded = new Set(node.children.keys());
+  if (path.length === 1 && path[0] === 'system') OPA_MANAGED_SYSTEM_KEYS.forEach((key) => excluded.add(key));
+
+  const reference = dataReference(path);
+  const target = excluded.size > 0 ? `object.remove(${reference}, ${JSON.stringify([...excluded])})` : reference;
+  const query = `x := ${target}${withClauses(node, path)}`;
+  const what = path.length === 0 ? 'data' : `data.${path.join('.')}`;
+  let hasMembers = (await streamObjectMembers(connection, query, writer, { ...context, what })) > 0;
+
+  const prefixes = [...node.children].filter(([, child]) => !child.rule);
+  if (path.length === 0 && !node.children.has('system')) prefixes.push(['system', new PathNode()]);
+  for (const [key, child] of prefixes) {
+    const mark = writer.position;
+    await writer.write(`${hasMembers ? ',' : ''}${JSON.stringify(key)}:`);
+    if (await writeBaseDocuments(connection, child, [...path, key], writer, context)) {
+      hasMembers = true;
+    } else {
+      writer.position = mark;
+    }
+  }
+  await writer.write('}');
+  return hasMembers;
+}
+
+async function recordProbe(connection: OpaConnection, probe: Probe, signal?: AbortSignal): Promise<RecordedProbe> {
+  const path = probe.path.split('/').map(encodeURIComponent).join('/');
+  const body = JSON.stringify(probe.input === undefined ? {} : { input: probe.input });
+  const response = await opaRequest(connection, 'POST', `v1/data/${path}`, {
+    body,
+    signal,
+    acceptStatuses: (status) => status !== 401 && status !== 403,
+  });
+  const status = response.statusCode ?? 0;
+  const chunks: Buffer[] = [];
+  for await (const chunk of response) chunks.push(chunk as Buffer);
+  const text = Buffer.concat(chunks);
+  const recorded: RecordedProbe = { path: probe.path, status };
+  if (probe.input !== undefined) recorded.input = probe.input;
+
+  if (status === 200) {
+    const result: Buffer[] = [];
+    const extractor = new JsonValueExtractor(['result'], (slice) => result.push(Buffer.from(slice)));
+    extractor.write(text);
+    extractor.end();
+    if (extractor.found) recorded.resultJson = Buffer.concat(result).toString('utf8');
+    else recorded.undefinedResult = true;
+    return recorded;
+  }
+  try {
+    const error = JSON.parse(text.toString('utf8')) as { code?: string; message?: string; errors?: Array<{ code?: string }> };
+    recorded.errorCodes = [error.code ?? 'unknown', ...(error.errors ?? []).map((nested) => nested.code ?? 'unknown')];
+    recorded.errorMessage = error.message;
+  } catch {
+    recorded.errorCodes = ['unknown'];
+    recorded.errorMessage = text.toString('utf8').slice(0, 300);
+  }
+  return recorded;
+}
+
+/** Takes the snapshot: policies, base documents into options.dataFile, system facts and probe decisions. */
+export async function snapshotOpa(connection: OpaConnection, options: SnapshotOptions): Promise<OpaSnapshot> {
+  const { signal } = options;
+  let dataBytes = 0;
+  const report = (phase: SnapshotProgress['phase']): void => options.onProgress?.({ phase, dataBytes });
+
+  report('policies');
+  const { body: policies } = await opaJson<{ result?: PolicyModule[] }>(connection, 'GET', 'v1/policies', { signal });
+  if (!Array.isArray(policies.result)) {
+    throw ApplicationFailure.create({
+      type: FailureType.InvalidResponse,
+      message: `snapshot of OPA "${connection.source}" failed: GET /v1/policies has no result list; is ${connection.baseUrl.origin} an OPA server?`,
+    });
+  }
+  const modules = policies.result;
+  const tree = ruleTree(modules);
+  const regoVersion = await detectRegoVersion(connection, signal);
+  const opaVersion = await queryValue<string>(connection, 'x := opa.runtime().version', signal);
+  const bundles =
+    (await queryValue<Record<string, { manifest?: { revision?: string }; etag?: string }>>(
+      connection,
+      `x := ${dataReference(['system', 'bundles'])}`,
+      signal,
+    )) ?? {};
+
+  report('data');
+  const handle = await open(options.dataFile, 'w');
+  try {
+    const writer = new PositionedWriter(handle);
+    await writeBaseDocuments(connection, tree, [], writer, {
+      signal,
+      onBytes: (bytes) => {
+        dataBytes += bytes;
+        report('data');
+      },
+    });
+    await handle.truncate(writer.position);
+    dataBytes = writer.position;
+  } finally {
+    await handle.close();
+  }
+
+  report('probes');
+  const probes: RecordedProbe[] = [];
+  for (const probe of options.probes) probes.push(await recordProbe(connection, probe, signal));
+
+  const loadedBundles: OpaSnapshot['loadedBundles'] = {};
+  for (const [name, bundle] of Object.entries(bundles)) {
+    loadedBundles[name] = { revision: bundle.manifest?.revision, etag: bundle.etag || undefined };
+  }
+  return {
+    modules: modules.map((module) => ({ id: module.id, raw: module.raw })),
+    regoVersion,
+    opaVersion,
+    rulePaths: tree.rulePaths().map((path) => path.join('.')),
+    dataBytes,
+    loadedBundles,
+    probes,
+  };
+}
+
+/** SHA-256 of a string or buffer, lowercase hex. */
+export function sha256Hex(data: string | Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+/**
+ * Maps policy ids to bundle file paths. Ids are free text ("team/policies
+ * v1.rego"); paths must stay inside the bundle, so empty, "." and ".."
+ * segments and characters outside a safe set are percent-encoded, and
+ * ".rego" is appended where missing so OPA loads the file as a module.
+ */
+export function policyFiles(modules: Array<{ id: string; raw: string }>): PolicyRecord[] {
+  const used = new Set<string>();
+  return modules.map((module) => {
+    const segments = module.id.split('/').map((segment) => {
+      if (segment === '' || segment === '.' || segment === '..') return segment.replace(/\./g, '%2E') || '%00';
+      return segment.replace(/[^A-Za-z0-9._ ~+@=,-]/gu, (character) =>
+        [...Buffer.from(character, 'utf8')].map((byte) => `%${byte.toString(16).toUpperCase().padStart(2, '0')}`).join(''),
+      );
+    });
+    let file = `policies/${segments.join('/')}`;
+    if (!file.endsWith('.rego')) file += '.rego';
+    let unique = file;
+    for (let suffix = 2; used.has(unique); suffix++) unique = file.replace(/\.rego$/, `~${suffix}.rego`);
+    used.add(unique);
+    return { id: module.id, file: unique, sha256: sha256Hex(module.raw) };
+  });
+}

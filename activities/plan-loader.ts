@@ -1,0 +1,178 @@
+// Reads, validates and normalises backup plans. The CLI calls it before it
+// starts a workflow, and the loadPlan activity calls it again on the worker,
+// so a plan sent by `temporal workflow start` gets the same checks.
+import { readFileSync, accessSync, constants } from 'node:fs';
+import path from 'node:path';
+import { parseDocument } from 'yaml';
+import { z } from 'zod';
+import { planSchema, type Plan } from '../common/plan';
+
+/** One problem in a plan: the field path ("sources.opa[0].token") and what is wrong with it. */
+export interface PlanIssue {
+  path: string;
+  message: string;
+}
+
+/** A plan that failed validation; the message lists every issue as "FILE: PATH: REASON". */
+export class PlanError extends Error {
+  readonly issues: PlanIssue[];
+  readonly file: string;
+
+  constructor(file: string, issues: PlanIssue[]) {
+    super(issues.map((issue) => `${file}: ${issue.path ? issue.path + ': ' : ''}${issue.message}`).join('\n'));
+    this.name = 'PlanError';
+    this.file = file;
+    this.issues = issues;
+  }
+}
+
+/** Formats a zod path as JavaScript-style access: sources.opa[0].token. */
+export function formatFieldPath(segments: ReadonlyArray<PropertyKey>): string {
+  let text = '';
+  for (const segment of segments) {
+    if (typeof segment === 'number') text += `[${segment}]`;
+    else text += text ? `.${String(segment)}` : String(segment);
+  }
+  return text;
+}
+
+let knownFieldNames: string[] | undefined;
+
+/** Every property name the plan schema accepts, for spelling suggestions. */
+function allFieldNames(): string[] {
+  if (knownFieldNames) return knownFieldNames;
+  const names = new Set<string>();
+  const visit = (node: unknown): void => {
+    if (!node || typeof node !== 'object') return;
+    const record = node as Record<string, unknown>;
+    if (record.properties && typeof record.properties === 'object') {
+      for (const key of Object.keys(record.properties)) names.add(key);
+    }
+    for (const value of Object.values(record)) visit(value);
+  };
+  visit(z.toJSONSchema(planSchema, { unrepresentable: 'any' }));
+  knownFieldNames = [...names];
+  return knownFieldNames;
+}
+
+function editDistance(a: string, b: string): number {
+  const previous = Array.from({ length: b.length + 1 }, (_, index) => index);
+  for (let i = 1; i <= a.length; i++) {
+    let diagonal = previous[0];
+    previous[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const above = previous[j];
+      previous[j] = Math.min(previous[j] + 1, previous[j - 1] + 1, diagonal + (a[i - 1] === b[j - 1] ? 0 : 1));
+      diagonal = above;
+    }
+  }
+  return previous[b.length];
+}
+
+function suggestField(unknown: string): string {
+  let best: string | undefined;
+  let bestDistance = 3;
+  for (const candidate of allFieldNames()) {
+    const distance = editDistance(unknown.toLowerCase(), candidate.toLowerCase());
+    if (distance < bestDistance) {
+      best = candidate;
+      bestDistance = distance;
+    }
+  }
+  return best ? `; did you mean "${best}"?` : '; remove it or check its spelling';
+}
+
+function issuesFromZod(error: z.ZodError): PlanIssue[] {
+  const issues: PlanIssue[] = [];
+  for (const issue of error.issues) {
+    if (issue.code === 'unrecognized_keys') {
+      for (const key of issue.keys) {
+        issues.push({ path: formatFieldPath([...issue.path, key]), message: `unknown field "${key}"${suggestField(key)}` });
+      }
+      continue;
+    }
+    let message = issue.message;
+    if (issue.code === 'invalid_type' && issue.input === undefined) message = 'is required';
+    issues.push({ path: formatFieldPath(issue.path), message });
+  }
+  return issues;
+}
+
+/** Validates a plan object and returns it typed; throws PlanError naming `origin`. */
+export function validatePlan(value: unknown, origin: string): Plan {
+  const result = planSchema.safeParse(value);
+  if (!result.success) throw new PlanError(origin, issuesFromZod(result.error));
+  return result.data;
+}
+
+/** Makes the plan's relative file paths absolute, starting at `baseDirectory`. */
+function resolvePaths(plan: Plan, baseDirectory: string): Plan {
+  const absolute = (file: string): string => (path.isAbsolute(file) ? file : path.resolve(baseDirectory, file));
+  const copy: Plan = structuredClone(plan);
+  if (copy.destination.local) copy.destination.local.path = absolute(copy.destination.local.path);
+  for (const source of copy.sources.opa ?? []) {
+    if (source.tls?.caFile) source.tls.caFile = absolute(source.tls.caFile);
+    if (source.tls?.certFile) source.tls.certFile = absolute(source.tls.certFile);
+    if (source.tls?.key?.startsWith('file:')) source.tls.key = `file:${absolute(source.tls.key.slice(5))}`;
+    if (source.token?.startsWith('file:')) source.token = `file:${absolute(source.token.slice(5))}`;
+  }
+  return copy;
+}
+
+/** Reads and validates a YAML (or JSON) plan file; relative paths in it are made absolute. */
+export function loadPlanFile(file: string): Plan {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    const reason = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'file not found' : (error as Error).message;
+    throw new PlanError(file, [{ path: '', message: `cannot read the plan: ${reason}` }]);
+  }
+  const document = parseDocument(text, { prettyErrors: true, uniqueKeys: true });
+  if (document.errors.length > 0) {
+    throw new PlanError(
+      file,
+      document.errors.map((error) => ({ path: '', message: `invalid YAML: ${error.message.split('\n')[0]}` })),
+    );
+  }
+  const plan = validatePlan(document.toJS(), file);
+  return resolvePaths(plan, path.dirname(path.resolve(file)));
+}
+
+/** Every secret reference in a plan, with the field that holds it. */
+export function secretReferences(plan: Plan): Array<{ path: string; reference: string }> {
+  const references: Array<{ path: string; reference: string }> = [];
+  (plan.sources.opa ?? []).forEach((source, index) => {
+    if (source.token) references.push({ path: `sources.opa[${index}].token`, reference: source.token });
+    if (source.tls?.key) references.push({ path: `sources.opa[${index}].tls.key`, reference: source.tls.key });
+  });
+  return references;
+}
+
+/**
+ * Checks that each secret reference resolves in this process's environment:
+ * the variable is set, the file is readable. Values are never read into the
+ * result. Returns one issue per reference that does not resolve.
+ */
+export function checkSecretReferences(plan: Plan): PlanIssue[] {
+  const issues: PlanIssue[] = [];
+  for (const { path: fieldPath, reference } of secretReferences(plan)) {
+    if (reference.startsWith('env:')) {
+      const variable = reference.slice(4);
+      if (process.env[variable] === undefined) {
+        issues.push({
+          path: fieldPath,
+          message: `environment variable ${variable} (from "${reference}") is not set; export it where the worker runs, or change the reference`,
+        });
+      }
+    } else {
+      const file = reference.slice(5);
+      try {
+        accessSync(file, constants.R_OK);
+      } catch {
+        issues.push({ path: fieldPath, message: `file ${file} (from "${reference}") is missing or not readable` });
+      }
+    }
+  }
+  return issues;
+}

@@ -1,0 +1,42 @@
+// Resolves secret references ("env:NAME", "file:/path") on the worker. The
+// value never leaves the activity: errors name the reference, never the value.
+import { readFileSync } from 'node:fs';
+import { ApplicationFailure } from '@temporalio/common';
+import { FailureType } from '../common/failures';
+
+/**
+ * Returns the secret a reference points to, trimmed of a trailing newline.
+ * Throws a non-retryable MissingSecret failure that names `field` and the
+ * reference when the variable is unset or the file is unreadable.
+ */
+export function resolveSecret(reference: string, field: string): string {
+  if (reference.startsWith('env:')) {
+    const variable = reference.slice(4);
+    const value = process.env[variable];
+    if (value === undefined) {
+      throw ApplicationFailure.create({
+        type: FailureType.MissingSecret,
+        nonRetryable: true,
+        message: `${field}: environment variable ${variable} (from "${reference}") is not set on the worker; export it where the worker runs`,
+      });
+    }
+    return value;
+  }
+  if (reference.startsWith('file:')) {
+    const file = reference.slice(5);
+    try {
+      return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+    } catch (error) {
+      throw ApplicationFailure.create({
+        type: FailureType.MissingSecret,
+        nonRetryable: true,
+        message: `${field}: cannot read ${file} (from "${reference}") on the worker: ${(error as NodeJS.ErrnoException).code ?? 'error'}`,
+      });
+    }
+  }
+  throw ApplicationFailure.create({
+    type: FailureType.InvalidPlan,
+    nonRetryable: true,
+    message: `${field}: "${reference.split(':')[0]}:…" is not a secret reference; use env:NAME or file:PATH`,
+  });
+}

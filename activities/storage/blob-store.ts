@@ -1,0 +1,60 @@
+// The blob store: where artifacts and manifests live. Two implementations
+// share this interface: S3 (and S3-compatible services) and a local folder.
+import type { Readable } from 'node:stream';
+
+export interface StoredObject {
+  /** Key relative to the store's root or prefix. */
+  key: string;
+  size: number;
+  lastModified?: Date;
+}
+
+export interface PutOptions {
+  contentType?: string;
+  signal?: AbortSignal;
+  /** Called as bytes are written, for heartbeats. */
+  onProgress?: (bytesWritten: number) => void;
+}
+
+export interface BlobStore {
+  /** Where the store writes, for messages: "local folder /srv/backups" or "s3://bucket/prefix". */
+  readonly description: string;
+
+  /**
+   * Streams `body` to `key` and returns the number of bytes stored. The object
+   * appears at `key` only once it is complete, so a reader never sees half an
+   * object; a failed or cancelled put leaves nothing at `key`. Writing an
+   * existing key replaces it.
+   */
+  put(key: string, body: Readable, options?: PutOptions): Promise<{ size: number }>;
+
+  /** Opens an object for reading; throws ObjectNotFoundError when it does not exist. */
+  get(key: string): Promise<Readable>;
+
+  /** Returns the object's size and time, or undefined when it does not exist. */
+  stat(key: string): Promise<StoredObject | undefined>;
+
+  /** Lists every object whose key starts with `prefix`, in key order. */
+  list(prefix: string): AsyncIterable<StoredObject>;
+
+  /** Lists the names of the folders directly under `prefix` (which ends with "/"), in name order. */
+  listFolders(prefix: string): AsyncIterable<string>;
+
+  /** Deletes an object; deleting a missing key is not an error. */
+  delete(key: string): Promise<void>;
+}
+
+export class ObjectNotFoundError extends Error {
+  constructor(readonly key: string, where: string) {
+    super(`object ${key} not found in ${where}`);
+    this.name = 'ObjectNotFoundError';
+  }
+}
+
+/** Rejects keys that could leave the store's root: absolute, empty or ".." segments. */
+export function checkKey(key: string): void {
+  const segments = key.split('/');
+  if (key.startsWith('/') || segments.some((segment) => segment === '' || segment === '.' || segment === '..')) {
+    throw new Error(`invalid object key "${key}": keys are relative paths without empty, "." or ".." segments`);
+  }
+}

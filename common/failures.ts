@@ -1,0 +1,26 @@
+// Failure types that activities raise and workflows and the CLI test for.
+// Pure code: workflows import it.
+
+export const FailureType = {
+  /** The plan is invalid; a retry cannot fix it. */
+  InvalidPlan: 'InvalidPlan',
+  /** A secret reference does not resolve on the worker. */
+  MissingSecret: 'MissingSecret',
+  /** The source rejected the credentials (HTTP 401 or 403). */
+  Unauthorized: 'Unauthorized',
+  /** The source could not be reached or answered with a server error; retried. */
+  SourceUnavailable: 'SourceUnavailable',
+  /** The source answered with something that is not what its API documents. */
+  InvalidResponse: 'InvalidResponse',
+  /** Writing to or reading from the blob store failed. */
+  StorageFailed: 'StorageFailed',
+} as const;
+
+export type FailureTypeName = (typeof FailureType)[keyof typeof FailureType];
+
+/** Failure types that a retry cannot fix. */
+export const NON_RETRYABLE_FAILURES: readonly string[] = [
+  FailureType.InvalidPlan,
+  FailureType.MissingSecret,
+  FailureType.Unauthorized,
+];

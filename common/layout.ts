@@ -1,0 +1,48 @@
+// Object keys of the storage layout. Keys are relative to a destination's
+// prefix:
+//
+//   <plan>/<backup-id>/manifest.json     written last, the commit point
+//   <plan>/<backup-id>/opa/<source>.tar.gz
+//
+// Pure code: workflows import it.
+
+import { MANIFEST_FILE } from './manifest';
+
+/**
+ * Builds a backup id that sorts by time: the UTC start time of the workflow
+ * run to the second, then the first 8 characters of the run id so two runs in
+ * the same second differ. Example: 20261204T194512Z-3f9a1c2b.
+ */
+export function makeBackupId(startTime: Date, runId: string): string {
+  const stamp = startTime.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
+  return `${stamp}-${runId.replace(/-/g, '').slice(0, 8)}`;
+}
+
+const BACKUP_ID_PATTERN = /^(\d{8}T\d{6}Z)-[0-9a-z]{1,32}$/;
+
+export function isBackupId(value: string): boolean {
+  return BACKUP_ID_PATTERN.test(value);
+}
+
+/** Start time encoded in a backup id. */
+export function backupIdTime(backupId: string): Date | undefined {
+  const match = BACKUP_ID_PATTERN.exec(backupId);
+  if (!match) return undefined;
+  const stamp = match[1];
+  return new Date(
+    `${stamp.slice(0, 4)}-${stamp.slice(4, 6)}-${stamp.slice(6, 8)}T${stamp.slice(9, 11)}:${stamp.slice(11, 13)}:${stamp.slice(13, 15)}Z`,
+  );
+}
+
+export function backupFolder(plan: string, backupId: string): string {
+  return `${plan}/${backupId}`;
+}
+
+export function manifestKey(plan: string, backupId: string): string {
+  return `${backupFolder(plan, backupId)}/${MANIFEST_FILE}`;
+}
+
+/** Key of an OPA bundle, relative to the backup folder. */
+export function opaArtifactKey(source: string): string {
+  return `opa/${source}.tar.gz`;
+}

@@ -1,0 +1,85 @@
+// The backup manifest: one JSON document per backup, written after every
+// artifact is stored. Its presence is the commit point: listing, restore and
+// retention see a backup only once its manifest exists.
+
+export const MANIFEST_FORMAT = 'opa-backup.manifest';
+export const MANIFEST_VERSION = 1;
+export const MANIFEST_FILE = 'manifest.json';
+
+/** The decision a live OPA returned for one probe when the snapshot was taken. */
+export interface RecordedProbe {
+  path: string;
+  input?: unknown;
+  /** HTTP status of POST /v1/data/{path}. */
+  status: number;
+  /** The result exactly as OPA serialised it; absent when the document is undefined or on error. */
+  resultJson?: string;
+  /** True when OPA answered 200 without a result (the document is undefined). */
+  undefinedResult?: boolean;
+  /** OPA's error code ("internal_error") and the codes of its nested errors ("eval_conflict_error"). */
+  errorCodes?: string[];
+  errorMessage?: string;
+}
+
+/** A policy module of the snapshot and the bundle file that holds it. */
+export interface PolicyRecord {
+  /** Policy id on the live OPA (PUT /v1/policies/{id}). */
+  id: string;
+  /** Path of the module inside the bundle. */
+  file: string;
+  sha256: string;
+}
+
+/** What the snapshot of one OPA instance found. */
+export interface OpaFacts {
+  url: string;
+  opaVersion?: string;
+  /** Rego version the live OPA parsed its REST-managed policies with: 0 when run with --v0-compatible. */
+  regoVersion: 0 | 1;
+  policies: PolicyRecord[];
+  /** Rule paths that were left out of data.json because rules, not base documents, produce them. */
+  rulePaths: string[];
+  dataSha256: string;
+  dataBytes: number;
+  /** Bundles the live OPA had activated, from data.system.bundles: name to revision. */
+  loadedBundles: Record<string, { revision?: string; etag?: string }>;
+  probes: RecordedProbe[];
+  bundleRevision: string;
+}
+
+export interface ArtifactRecord {
+  kind: 'opa-bundle';
+  source: string;
+  /** Object key relative to the backup's folder, such as "opa/edge-1.tar.gz". */
+  key: string;
+  /** Stored size in bytes. */
+  size: number;
+  /** SHA-256 of the stored bytes, lowercase hex. */
+  sha256: string;
+  startedAt: string;
+  completedAt: string;
+  facts: OpaFacts;
+}
+
+export interface SourceFailure {
+  kind: 'opa';
+  source: string;
+  /** Failure type, such as "Unauthorized" or "SourceUnavailable". */
+  type: string;
+  message: string;
+  attempts?: number;
+}
+
+export interface Manifest {
+  format: typeof MANIFEST_FORMAT;
+  version: typeof MANIFEST_VERSION;
+  backupId: string;
+  plan: string;
+  /** "partial" when at least one source failed; the failures say which and why. */
+  status: 'complete' | 'partial';
+  startedAt: string;
+  completedAt: string;
+  workflow: { workflowId: string; runId: string };
+  artifacts: ArtifactRecord[];
+  failures: SourceFailure[];
+}
