@@ -1,0 +1,221 @@
+// The opa-backup command line.
+//
+// Exit codes: 0 success; 1 the backup or command failed; 2 invalid usage or
+// an invalid plan (nothing was started); 3 the backup is partial (some
+// sources failed, the others are stored).
+import { Command, CommanderError, Option } from 'commander';
+import { Connection, Client, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
+import { loadPlanFile, checkSecretReferences, PlanError } from '../activities/plan-loader';
+import { temporalSettings } from '../common/config';
+import type { Plan } from '../common/plan';
+import type { BackupProgress, BackupWorkflowResult } from '../common/workflow-types';
+import { listBackups, formatBytes } from './backups';
+
+export const EXIT_OK = 0;
+export const EXIT_FAILED = 1;
+export const EXIT_USAGE = 2;
+export const EXIT_PARTIAL = 3;
+
+class ExitError extends Error {
+  constructor(message: string, readonly exitCode: number) {
+    super(message);
+  }
+}
+
+/** Loads a plan and checks its secret references, or exits with the plan's problems. */
+function loadCheckedPlan(file: string, checkSecrets: boolean): Plan {
+  try {
+    const plan = loadPlanFile(file);
+    if (checkSecrets) {
+      const issues = checkSecretReferences(plan);
+      if (issues.length > 0) throw new PlanError(file, issues);
+    }
+    return plan;
+  } catch (error) {
+    if (error instanceof PlanError) throw new ExitError(`invalid plan:\n${error.message}`, EXIT_USAGE);
+    throw error;
+  }
+}
+
+async function connectClient(): Promise<{ client: Client; connection: Connection; taskQueue: string }> {
+  const settings = temporalSettings();
+  let connection: Connection;
+  try {
+    connection = await Connection.connect({ address: settings.address, connectTimeout: '5s' });
+  } catch (error) {
+    throw new ExitError(
+      `cannot connect to Temporal at ${settings.address}: ${(error as Error).message}; start a server or set TEMPORAL_ADDRESS`,
+      EXIT_FAILED,
+    );
+  }
+  return { client: new Client({ connection, namespace: settings.namespace }), connection, taskQueue: settings.taskQueue };
+}
+
+function compactTimestamp(date: Date): string {
+  return date.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
+}
+
+interface PendingActivity {
+  activityId?: string | null;
+  attempt?: number | null;
+  lastFailure?: { message?: string | null } | null;
+}
+
+/** Prints each source's state as it changes, and each retry with its reason, until the workflow closes. */
+async function followProgress(handle: WorkflowHandle, print: (line: string) => void): Promise<void> {
+  const states = new Map<string, string>();
+  const attempts = new Map<string, number>();
+  for (;;) {
+    const description = await handle.describe();
+    try {
+      const progress = await handle.query<BackupProgress>('progress');
+      for (const source of progress.sources) {
+        const label = `${source.kind} ${source.name}`;
+        const line = source.state === 'failed' ? `failed: ${source.error}` : source.state;
+        if (states.get(label) !== line) {
+          states.set(label, line);
+          print(`  ${label}: ${line}`);
+        }
+      }
+    } catch {
+      // The query fails until the workflow's first task ran; try again on the next round.
+    }
+    const pending = (description.raw.pendingActivities ?? []) as PendingActivity[];
+    for (const activity of pending) {
+      const id = activity.activityId ?? '';
+      const attempt = activity.attempt ?? 1;
+      if (attempt > 1 && attempts.get(id) !== attempt) {
+        attempts.set(id, attempt);
+        print(`  ${id}: attempt ${attempt}, after: ${activity.lastFailure?.message ?? 'timeout'}`);
+      }
+    }
+    if (description.status.name !== 'RUNNING') return;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+}
+
+function printResult(result: BackupWorkflowResult, print: (line: string) => void): void {
+  print(`backup ${result.backupId} of plan ${result.plan}: ${result.status}`);
+  print(`  stored in ${result.destination}`);
+  print(`  manifest ${result.manifestKey} (sha256 ${result.manifestSha256})`);
+  for (const artifact of result.artifacts) {
+    print(`  ${artifact.source}: ${artifact.key}, ${formatBytes(artifact.size)}, sha256 ${artifact.sha256}`);
+  }
+  for (const failure of result.failures) {
+    print(`  ${failure.kind} source "${failure.source}" failed (${failure.type}): ${failure.message}`);
+  }
+}
+
+async function backupCommand(options: { plan: string; wait?: boolean; json?: boolean; secretCheck: boolean }): Promise<number> {
+  const plan = loadCheckedPlan(options.plan, options.secretCheck);
+  const { client, connection, taskQueue } = await connectClient();
+  const print = options.json ? (line: string) => process.stderr.write(`${line}\n`) : (line: string) => console.log(line);
+  try {
+    const workflowId = `backup-${plan.name}-${compactTimestamp(new Date())}`;
+    const handle = await client.workflow.start('backupWorkflow', {
+      taskQueue,
+      workflowId,
+      args: [{ plan }],
+    });
+    if (!options.wait) {
+      if (options.json) console.log(JSON.stringify({ workflowId, runId: handle.firstExecutionRunId }));
+      else print(`started backup of plan ${plan.name}: workflow ${workflowId}`);
+      return EXIT_OK;
+    }
+    print(`backup of plan ${plan.name} running as workflow ${workflowId}`);
+    await followProgress(handle, print);
+    let result: BackupWorkflowResult;
+    try {
+      result = await handle.result();
+    } catch (error) {
+      const cause = error instanceof WorkflowFailedError ? (error.cause?.message ?? error.message) : (error as Error).message;
+      if (options.json) console.log(JSON.stringify({ workflowId, status: 'failed', error: cause }));
+      throw new ExitError(`backup failed: ${cause}`, EXIT_FAILED);
+    }
+    if (options.json) console.log(JSON.stringify(result, null, 2));
+    else printResult(result, print);
+    return result.status === 'complete' ? EXIT_OK : EXIT_PARTIAL;
+  } finally {
+    await connection.close();
+  }
+}
+
+async function listCommand(options: { plan: string; json?: boolean }): Promise<number> {
+  const plan = loadCheckedPlan(options.plan, false);
+  const backups = await listBackups(plan);
+  if (options.json) {
+    console.log(JSON.stringify({ plan: plan.name, destination: backups.destination, backups: [...backups] }, null, 2));
+    return EXIT_OK;
+  }
+  if (backups.length === 0) {
+    console.log(`no backups of plan ${plan.name} in ${backups.destination}`);
+    return EXIT_OK;
+  }
+  console.log(`backups of plan ${plan.name} in ${backups.destination}:`);
+  console.log(['BACKUP ID'.padEnd(28), 'STATUS'.padEnd(9), 'ARTIFACTS'.padEnd(10), 'SIZE'.padEnd(10), 'COMPLETED'].join(' '));
+  for (const backup of backups) {
+    console.log(
+      [
+        backup.backupId.padEnd(28),
+        backup.status.padEnd(9),
+        String(backup.artifacts).padEnd(10),
+        formatBytes(backup.size).padEnd(10),
+        backup.completedAt,
+      ].join(' '),
+    );
+  }
+  return EXIT_OK;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('opa-backup')
+    .description('Back up Open Policy Agent deployments through Temporal, and list the backups.')
+    .showHelpAfterError()
+    .exitOverride();
+
+  program
+    .command('backup')
+    .description('start a backup of every source in a plan')
+    .requiredOption('--plan <file>', 'backup plan (YAML)')
+    .option('--wait', 'wait for the backup, printing progress, and exit non-zero when it fails or is partial')
+    .option('--json', 'print the result as JSON on stdout (progress goes to stderr)')
+    .addOption(
+      new Option('--no-secret-check', 'skip checking that secret references resolve here (for workers with another environment)'),
+    )
+    .action(async (options) => {
+      process.exitCode = await backupCommand(options);
+    });
+
+  program
+    .command('list')
+    .description("list a plan's backups in its destination")
+    .requiredOption('--plan <file>', 'backup plan (YAML)')
+    .option('--json', 'print the list as JSON')
+    .action(async (options) => {
+      process.exitCode = await listCommand(options);
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      process.exitCode = error.exitCode === 0 ? EXIT_OK : EXIT_USAGE;
+      return;
+    }
+    if (error instanceof ExitError) {
+      console.error(`opa-backup: ${error.message}`);
+      process.exitCode = error.exitCode;
+      return;
+    }
+    console.error(`opa-backup: ${(error as Error).stack ?? String(error)}`);
+    process.exitCode = EXIT_FAILED;
+  }
+}
+
+if (require.main === module) {
+  void main(process.argv);
+}

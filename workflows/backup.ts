@@ -1,0 +1,129 @@
+// backupWorkflow: load the plan, run one snapshot activity per source, each
+// with its own timeouts and retries, then seal the backup with its manifest.
+// Workflow code is replayed: it must stay deterministic, so it imports only
+// types of activities and pure helpers.
+import {
+  ActivityFailure,
+  ApplicationFailure,
+  defineQuery,
+  proxyActivities,
+  setHandler,
+  workflowInfo,
+  type ActivityOptions,
+} from '@temporalio/workflow';
+import type * as activities from '../activities/backup';
+import { NON_RETRYABLE_FAILURES } from '../common/failures';
+import { makeBackupId } from '../common/layout';
+import type { SourceFailure } from '../common/manifest';
+import type { StepSettings } from '../common/plan';
+import type {
+  ArtifactReference,
+  BackupProgress,
+  BackupWorkflowInput,
+  BackupWorkflowResult,
+} from '../common/workflow-types';
+
+/** Query that returns the state of each source while the backup runs. */
+export const backupProgressQuery = defineQuery<BackupProgress>('progress');
+
+const planActivities = proxyActivities<typeof activities>({
+  startToCloseTimeout: '1m',
+  retry: { initialInterval: '1s', maximumAttempts: 5, nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES] },
+});
+
+/** Activity options of one step, from the plan's settings and these defaults. */
+function stepOptions(settings: StepSettings | undefined): ActivityOptions {
+  return {
+    startToCloseTimeout: (settings?.attemptTimeout ?? '10m') as ActivityOptions['startToCloseTimeout'],
+    heartbeatTimeout: (settings?.heartbeatTimeout ?? '30s') as ActivityOptions['heartbeatTimeout'],
+    retry: {
+      initialInterval: (settings?.retry?.initialInterval ?? '1s') as ActivityOptions['startToCloseTimeout'],
+      maximumInterval: (settings?.retry?.maximumInterval ?? '30s') as ActivityOptions['startToCloseTimeout'],
+      backoffCoefficient: 2,
+      maximumAttempts: settings?.retry?.maximumAttempts ?? 10,
+      nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES],
+    },
+  };
+}
+
+/** The innermost failure's type and message: what a person needs to fix it. */
+function describeFailure(error: unknown): { type: string; message: string } {
+  let current: unknown = error;
+  if (current instanceof ActivityFailure && current.cause) current = current.cause;
+  if (current instanceof ApplicationFailure) {
+    return { type: current.type ?? 'Error', message: current.message };
+  }
+  return { type: (current as Error)?.name ?? 'Error', message: (current as Error)?.message ?? String(current) };
+}
+
+export async function backupWorkflow(input: BackupWorkflowInput): Promise<BackupWorkflowResult> {
+  const info = workflowInfo();
+  const backupId = makeBackupId(info.runStartTime, info.runId);
+  const startedAt = info.runStartTime.toISOString();
+  const progress: BackupProgress = { backupId, sources: [], sealed: false };
+  setHandler(backupProgressQuery, () => progress);
+
+  const plan = await planActivities.loadPlan(input);
+  progress.plan = plan.name;
+  const opaSources = plan.sources.opa ?? [];
+  progress.sources = opaSources.map((source) => ({ kind: 'opa', name: source.name, state: 'pending' }));
+
+  const artifacts: ArtifactReference[] = [];
+  const failures: SourceFailure[] = [];
+
+  await Promise.all(
+    opaSources.map(async (source, index) => {
+      const state = progress.sources[index];
+      state.state = 'running';
+      // A named activity id lets `describe` show which source a retry belongs to.
+      const { snapshotOpaSource } = proxyActivities<typeof activities>({
+        ...stepOptions(plan.settings?.opaSnapshot),
+        activityId: `opa-${source.name}`,
+      });
+      try {
+        artifacts.push(await snapshotOpaSource({ plan, source: source.name, backupId }));
+        state.state = 'done';
+      } catch (error) {
+        const { type, message } = describeFailure(error);
+        state.state = 'failed';
+        state.error = message;
+        failures.push({ kind: 'opa', source: source.name, type, message });
+      }
+    }),
+  );
+
+  if (artifacts.length === 0) {
+    throw ApplicationFailure.create({
+      type: 'BackupFailed',
+      nonRetryable: true,
+      message: `backup ${backupId} of plan ${plan.name} failed: no source was backed up. ${failures
+        .map((failure) => `${failure.kind} source "${failure.source}": ${failure.message}`)
+        .join('; ')}`,
+    });
+  }
+
+  // A stable order makes manifests of equal backups compare equal.
+  artifacts.sort((a, b) => (a.key < b.key ? -1 : 1));
+  failures.sort((a, b) => (a.source < b.source ? -1 : 1));
+
+  const sealed = await planActivities.sealBackup({
+    plan,
+    backupId,
+    startedAt,
+    workflow: { workflowId: info.workflowId, runId: info.runId },
+    artifacts,
+    failures,
+  });
+  progress.sealed = true;
+
+  return {
+    backupId,
+    plan: plan.name,
+    status: sealed.status,
+    destination: await planActivities.describeDestination(plan),
+    manifestKey: sealed.manifestKey,
+    manifestSha256: sealed.manifestSha256,
+    artifacts: artifacts.map(({ kind, source, key, size, sha256 }) => ({ kind, source, key, size, sha256 })),
+    failures,
+  };
+}
