@@ -13,7 +13,7 @@ import type { PolicyRecord } from '../../common/manifest';
 export interface BundleContents {
   revision: string;
   regoVersion: 0 | 1;
-  modules: Array<{ id: string; raw: string }>;
+  modules: Array<{ id: string; raw: string; regoVersion: 0 | 1 }>;
   policies: PolicyRecord[];
   /** File holding data.json. */
   dataFile: string;
@@ -30,12 +30,18 @@ export interface BundleStream {
 }
 
 /** The bundle's .manifest document. */
-export function bundleManifest(contents: Pick<BundleContents, 'revision' | 'regoVersion' | 'metadata'>): Record<string, unknown> {
-  return {
-    revision: contents.revision,
-    rego_version: contents.regoVersion,
-    metadata: contents.metadata,
-  };
+export function bundleManifest(
+  contents: Pick<BundleContents, 'revision' | 'regoVersion' | 'metadata' | 'modules' | 'policies'>,
+): Record<string, unknown> {
+  const manifest: Record<string, unknown> = { revision: contents.revision, rego_version: contents.regoVersion };
+  // Modules parsed with another version than the bundle's keep theirs.
+  const exceptions: Record<string, number> = {};
+  contents.modules.forEach((module, index) => {
+    if (module.regoVersion !== contents.regoVersion) exceptions[contents.policies[index].file] = module.regoVersion;
+  });
+  if (Object.keys(exceptions).length > 0) manifest.file_rego_versions = exceptions;
+  manifest.metadata = contents.metadata;
+  return manifest;
 }
 
 /** Packs the bundle into a gzip stream; files are added in a fixed order so equal input packs alike. */

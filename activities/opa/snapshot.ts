@@ -23,7 +23,7 @@ import { JsonValueExtractor, JsonShapeError, type JsonPathStep } from './json-ex
 import { dataReference, PathNode, ruleTree, type PolicyModule } from './rules';
 
 /** Keys under data.system that OPA itself writes. Restoring them would fake bundle ownership. */
-export const OPA_MANAGED_SYSTEM_KEYS = ['bundles', 'version'];
+export const OPA_MANAGED_SYSTEM_KEYS = ['bundles', 'modules', 'version'];
 
 export interface SnapshotProgress {
   phase: 'policies' | 'data' | 'probes';
@@ -39,7 +39,8 @@ export interface SnapshotOptions {
 }
 
 export interface OpaSnapshot {
-  modules: Array<{ id: string; raw: string }>;
+  /** Modules with the Rego version OPA parsed each with. */
+  modules: Array<{ id: string; raw: string; regoVersion: 0 | 1 }>;
   regoVersion: 0 | 1;
   opaVersion?: string;
   rulePaths: string[];
@@ -185,7 +186,8 @@ async function writeBaseDocuments(
   return hasMembers;
 }
 
-async function recordProbe(connection: OpaConnection, probe: Probe, signal?: AbortSignal): Promise<RecordedProbe> {
+/** Evaluates one probe on a live OPA and records the decision or the error. */
+export async function recordProbe(connection: OpaConnection, probe: Probe, signal?: AbortSignal): Promise<RecordedProbe> {
   const path = probe.path.split('/').map(encodeURIComponent).join('/');
   const body = JSON.stringify(probe.input === undefined ? {} : { input: probe.input });
   const response = await opaRequest(connection, 'POST', `v1/data/${path}`, {
@@ -238,6 +240,14 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
   const tree = ruleTree(modules);
   const regoVersion = await detectRegoVersion(connection, signal);
   const opaVersion = await queryValue<string>(connection, 'x := opa.runtime().version', signal);
+  // OPA records the Rego version of modules that bundles loaded with a
+  // version of their own under data.system.modules.
+  const moduleInfo =
+    (await queryValue<Record<string, { rego_version?: number }>>(
+      connection,
+      `x := ${dataReference(['system', 'modules'])}`,
+      signal,
+    )) ?? {};
   const bundles =
     (await queryValue<Record<string, { manifest?: { revision?: string }; etag?: string }>>(
       connection,
@@ -271,7 +281,10 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
     loadedBundles[name] = { revision: bundle.manifest?.revision, etag: bundle.etag || undefined };
   }
   return {
-    modules: modules.map((module) => ({ id: module.id, raw: module.raw })),
+    modules: modules.map((module) => {
+      const recorded = moduleInfo[module.id]?.rego_version;
+      return { id: module.id, raw: module.raw, regoVersion: recorded === 0 || recorded === 1 ? recorded : regoVersion };
+    }),
     regoVersion,
     opaVersion,
     rulePaths: tree.rulePaths().map((path) => path.join('.')),
