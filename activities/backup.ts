@@ -94,6 +94,11 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
   let phase = 'policies';
   let dataBytes = 0;
   const heartbeat = (): void => context.heartbeat({ phase, dataBytes, uploadedBytes });
+  // Heartbeat on a timer as well as on progress: one slow request (a large
+  // query on a busy OPA) must not look like a dead worker. A hung request is
+  // bounded by the request timeout instead.
+  const heartbeatTimeoutMs = context.info.heartbeatTimeoutMs ?? 30_000;
+  const ticker = setInterval(heartbeat, Math.max(100, Math.floor(heartbeatTimeoutMs / 3)));
 
   try {
     const connection = connectOpa(source, index);
@@ -179,6 +184,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
       cause: error as Error,
     });
   } finally {
+    clearInterval(ticker);
     await rm(workDirectory, { recursive: true, force: true });
   }
 }

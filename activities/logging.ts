@@ -9,6 +9,7 @@ export const logger = pino({
   level: process.env.OPA_BACKUP_LOG_LEVEL ?? 'info',
   timestamp: pino.stdTimeFunctions.isoTime,
   redact: ['authorization', 'token', 'headers.authorization', '*.authorization'],
+  serializers: { error: pino.stdSerializers.err, err: pino.stdSerializers.err },
 });
 
 /** A child logger for the current activity, carrying its workflow and activity ids. */

@@ -150,7 +150,11 @@ const schedule = z
     /** IANA time zone name. @default "UTC" */
     timezone: z
       .string()
-      .refine(isKnownTimeZone, { message: 'is not a known IANA time zone such as "UTC" or "Europe/Berlin"' })
+      .superRefine((zone, context) => {
+        if (!isKnownTimeZone(zone)) {
+          context.addIssue({ code: 'custom', message: `"${zone}" is not a known IANA time zone; use a name such as "UTC" or "Europe/Berlin"` });
+        }
+      })
       .optional(),
   })
   .strict();

@@ -17,7 +17,7 @@ const cli = path.join(repositoryRoot, 'bin', 'opa-backup');
 const invalidPlans: Array<{ file: string; expected: RegExp[] }> = [
   {
     file: 'bad-schedule.yaml',
-    expected: [/schedule\.backup: 61 is not a valid minute/, /schedule\.timezone: is not a known IANA time zone/],
+    expected: [/schedule\.backup: 61 is not a valid minute/, /schedule\.timezone: "Europe\/Atlantis" is not a known IANA time zone/],
   },
   { file: 'duplicate-sources.yaml', expected: [/sources\.opa\[1\]\.name: duplicate source name "edge"/] },
   {

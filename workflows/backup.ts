@@ -40,7 +40,8 @@ function stepOptions(settings: StepSettings | undefined): ActivityOptions {
       initialInterval: (settings?.retry?.initialInterval ?? '1s') as ActivityOptions['startToCloseTimeout'],
       maximumInterval: (settings?.retry?.maximumInterval ?? '30s') as ActivityOptions['startToCloseTimeout'],
       backoffCoefficient: 2,
-      maximumAttempts: settings?.retry?.maximumAttempts ?? 10,
+      // The plan's 0 means unlimited, which the SDK spells as no limit at all.
+      maximumAttempts: settings?.retry?.maximumAttempts === 0 ? undefined : (settings?.retry?.maximumAttempts ?? 10),
       nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES],
     },
   };

@@ -7,6 +7,28 @@ import { repositoryRoot } from './tools';
 
 export const runsDirectory = path.join(repositoryRoot, '.test-runs');
 
+/** Process groups still running, killed when the test process exits so no server outlives its test. */
+const running = new Set<number>();
+
+function killRunning(): void {
+  for (const pid of running) {
+    try {
+      process.kill(-pid, 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  }
+  running.clear();
+}
+
+process.once('exit', killRunning);
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    killRunning();
+    process.exit(130);
+  });
+}
+
 export interface ManagedProcess {
   child: ChildProcess;
   logFile: string;
@@ -27,11 +49,15 @@ export function startProcess(
   const directory = options.logDirectory ?? runsDirectory;
   mkdirSync(directory, { recursive: true });
   const logFile = path.join(directory, `${name}.log`);
-  const descriptor = openSync(logFile, 'a');
+  const descriptor = openSync(logFile, 'w');
   const child = spawn(command, args, { ...options, stdio: ['ignore', descriptor, descriptor], detached: true });
   closeSync(descriptor);
+  if (child.pid !== undefined) running.add(child.pid);
   const exited = new Promise<number | null>((resolve) => {
-    child.once('exit', (code) => resolve(code));
+    child.once('exit', (code) => {
+      if (child.pid !== undefined) running.delete(child.pid);
+      resolve(code);
+    });
     child.once('error', () => resolve(null));
   });
   const managed: ManagedProcess = {
