@@ -1,0 +1,166 @@
+// A blob store in an S3 bucket or an S3-compatible service. Uploads are
+// multipart and streamed: at most partSize × queueSize bytes are in memory.
+// Credentials come from the AWS SDK's default chain (environment, shared
+// config and credentials files, web identity, container and instance roles).
+import {
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  NoSuchKey,
+  NotFound,
+  S3Client,
+} from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
+import { pipeline, Transform, type Readable } from 'node:stream';
+import { checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
+
+export interface S3StoreOptions {
+  bucket: string;
+  /** Key prefix without a trailing "/"; empty for the bucket's root. */
+  prefix?: string;
+  endpoint?: string;
+  /** @default "us-east-1" */
+  region?: string;
+  /** @default true when endpoint is set */
+  forcePathStyle?: boolean;
+  /** Multipart part size in bytes. @default 8 MiB */
+  partSize?: number;
+  /** Parts uploaded at once. @default 2 */
+  queueSize?: number;
+}
+
+export class S3BlobStore implements BlobStore {
+  readonly description: string;
+  readonly client: S3Client;
+  private readonly bucket: string;
+  private readonly prefix: string;
+  private readonly partSize: number;
+  private readonly queueSize: number;
+
+  constructor(options: S3StoreOptions) {
+    this.bucket = options.bucket;
+    this.prefix = options.prefix ? `${options.prefix}/` : '';
+    this.partSize = options.partSize ?? 8 * 1024 * 1024;
+    this.queueSize = options.queueSize ?? 2;
+    this.client = new S3Client({
+      region: options.region ?? process.env.AWS_REGION ?? 'us-east-1',
+      endpoint: options.endpoint,
+      forcePathStyle: options.forcePathStyle ?? options.endpoint !== undefined,
+    });
+    this.description = `s3://${options.bucket}/${this.prefix}${options.endpoint ? ` at ${options.endpoint}` : ''}`;
+  }
+
+  private objectKey(key: string): string {
+    checkKey(key);
+    return this.prefix + key;
+  }
+
+  async put(key: string, body: Readable, options: PutOptions = {}): Promise<{ size: number }> {
+    const objectKey = this.objectKey(key);
+    const { signal } = options;
+    if (signal?.aborted) {
+      body.destroy();
+      throw new Error(`upload of ${key} to ${this.description} cancelled before it started`, { cause: signal.reason });
+    }
+
+    let size = 0;
+    const counter = new Transform({
+      transform(chunk: Buffer, _encoding, callback) {
+        size += chunk.length;
+        options.onProgress?.(size);
+        callback(null, chunk);
+      },
+    });
+    // pipeline() destroys both streams when either fails, so a body error
+    // reaches the upload and a failed or cancelled upload stops the body.
+    // The upload reports the error, so the callback has nothing to do.
+    pipeline(body, counter, () => {});
+
+    const upload = new Upload({
+      client: this.client,
+      params: { Bucket: this.bucket, Key: objectKey, Body: counter, ContentType: options.contentType },
+      partSize: this.partSize,
+      queueSize: this.queueSize,
+      leavePartsOnError: false,
+    });
+    // Cancel by failing the body, not with upload.abort(): Upload.done() then
+    // waits for the parts in flight and sends AbortMultipartUpload before it
+    // rejects. After abort() it rejects at once, and the incomplete multipart
+    // upload stays listed until the parts in flight finish.
+    // NOTE: a cancel that arrives after the last byte was read cannot stop the
+    // final PutObject or CompleteMultipartUpload, so put() may still succeed.
+    const cancel = (): void => {
+      counter.destroy(signal?.reason instanceof Error ? signal.reason : new Error('put cancelled'));
+    };
+    signal?.addEventListener('abort', cancel, { once: true });
+    try {
+      await upload.done();
+    } catch (error) {
+      counter.destroy();
+      throw new Error(`upload of ${key} to ${this.description} failed: ${(error as Error).message}`, { cause: error });
+    } finally {
+      signal?.removeEventListener('abort', cancel);
+    }
+    // A cheap check where silent truncation would be a disaster: the stored size must match what was sent.
+    const stored = await this.stat(key);
+    if (!stored || stored.size !== size) {
+      throw new Error(`upload of ${key} to ${this.description} stored ${stored?.size ?? 'no'} bytes, expected ${size}`);
+    }
+    return { size };
+  }
+
+  async get(key: string): Promise<Readable> {
+    try {
+      const response = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.objectKey(key) }));
+      return response.Body as Readable;
+    } catch (error) {
+      if (error instanceof NoSuchKey || (error as { name?: string }).name === 'NoSuchKey') {
+        throw new ObjectNotFoundError(key, this.description);
+      }
+      throw new Error(`read of ${key} from ${this.description} failed: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  async stat(key: string): Promise<StoredObject | undefined> {
+    try {
+      const response = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.objectKey(key) }));
+      return { key, size: response.ContentLength ?? 0, lastModified: response.LastModified };
+    } catch (error) {
+      if (error instanceof NotFound || (error as { name?: string }).name === 'NotFound') return undefined;
+      throw new Error(`stat of ${key} in ${this.description} failed: ${(error as Error).message}`, { cause: error });
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<StoredObject> {
+    let token: string | undefined;
+    do {
+      const page = await this.client.send(
+        new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token }),
+      );
+      for (const item of page.Contents ?? []) {
+        if (!item.Key) continue;
+        yield { key: item.Key.slice(this.prefix.length), size: item.Size ?? 0, lastModified: item.LastModified };
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async *listFolders(prefix: string): AsyncIterable<string> {
+    let token: string | undefined;
+    const full = this.prefix + prefix;
+    do {
+      const page = await this.client.send(
+        new ListObjectsV2Command({ Bucket: this.bucket, Prefix: full, Delimiter: '/', ContinuationToken: token }),
+      );
+      for (const common of page.CommonPrefixes ?? []) {
+        if (common.Prefix) yield common.Prefix.slice(full.length).replace(/\/$/, '');
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async delete(key: string): Promise<void> {
+    await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: this.objectKey(key) }));
+  }
+}
