@@ -123,6 +123,14 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
       return EXIT_OK;
     }
     print(`backup of plan ${plan.name} running as workflow ${workflowId}`);
+    // Ctrl-C stops the CLI, not the backup: the workflow runs on in Temporal.
+    process.once('SIGINT', () => {
+      process.stderr.write(
+        `\nopa-backup: interrupted; the backup goes on as workflow ${workflowId}. ` +
+          `Follow it with: temporal workflow show --workflow-id ${workflowId}\n`,
+      );
+      process.exit(130);
+    });
     await followProgress(handle, print);
     let result: BackupWorkflowResult;
     try {
