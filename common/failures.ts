@@ -8,9 +8,9 @@ export const FailureType = {
   MissingSecret: 'MissingSecret',
   /** The source rejected the credentials (HTTP 401 or 403). */
   Unauthorized: 'Unauthorized',
-  /** The source could not be reached or answered with a server error; retried. */
+  /** The source could not be reached or returned a server error, so the step is retried. */
   SourceUnavailable: 'SourceUnavailable',
-  /** The source answered with something that is not what its API documents. */
+  /** The source returned a response its API does not document. */
   InvalidResponse: 'InvalidResponse',
   /** Writing to or reading from the blob store failed. */
   StorageFailed: 'StorageFailed',

@@ -14,14 +14,14 @@ export interface RecordedProbe {
   status: number;
   /** The result exactly as OPA serialised it; absent when the document is undefined or on error. */
   resultJson?: string;
-  /** True when OPA answered 200 without a result (the document is undefined). */
+  /** True when OPA returned 200 without a result (the document is undefined). */
   undefinedResult?: boolean;
   /** OPA's error code ("internal_error") and the codes of its nested errors ("eval_conflict_error"). */
   errorCodes?: string[];
   errorMessage?: string;
 }
 
-/** A policy module of the snapshot and the bundle file that holds it. */
+/** A policy module of the snapshot and the bundle file that contains it. */
 export interface PolicyRecord {
   /** Policy id on the live OPA (PUT /v1/policies/{id}). */
   id: string;
@@ -30,7 +30,7 @@ export interface PolicyRecord {
   sha256: string;
 }
 
-/** What the snapshot of one OPA instance found. */
+/** Facts the snapshot of one OPA instance recorded. */
 export interface OpaFacts {
   url: string;
   opaVersion?: string;

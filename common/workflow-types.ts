@@ -13,7 +13,7 @@ export interface BackupWorkflowInput {
   planFile?: string;
 }
 
-/** What a source step returns: where its artifact is and how to check it. */
+/** Result of a source step: the artifact's key and the digests to check it. */
 export interface ArtifactReference {
   kind: 'opa-bundle';
   source: string;
@@ -62,7 +62,7 @@ export interface BackupWorkflowResult {
   backupId: string;
   plan: string;
   status: 'complete' | 'partial';
-  /** Where the backup is: the store description and the manifest key. */
+  /** Description of the blob store that contains the backup. */
   destination: string;
   manifestKey: string;
   manifestSha256: string;

@@ -47,7 +47,7 @@ function stepOptions(settings: StepSettings | undefined): ActivityOptions {
   };
 }
 
-/** The innermost failure's type and message: what a person needs to fix it. */
+/** Returns the innermost failure's type and message, which say what to fix. */
 function describeFailure(error: unknown): { type: string; message: string } {
   let current: unknown = error;
   if (current instanceof ActivityFailure && current.cause) current = current.cause;

@@ -11,7 +11,7 @@ import { resolveSecret } from '../secrets';
 export interface OpaConnection {
   source: string;
   baseUrl: URL;
-  /** Where the token comes from, for error messages: "env:OPA_TOKEN". */
+  /** Reference of the token, for error messages: "env:OPA_TOKEN". */
   tokenReference?: string;
   token?: string;
   agent: http.Agent;
@@ -38,7 +38,7 @@ export function connectOpa(source: OpaSource, index: number, requestTimeoutMs = 
   return { source: source.name, baseUrl, tokenReference: source.token, token, agent, requestTimeoutMs };
 }
 
-/** Builds a failure for an HTTP answer that is not 2xx: 401 and 403 cannot be fixed by a retry. */
+/** Builds a failure for an HTTP response that is not 2xx: 401 and 403 cannot be fixed by a retry. */
 function statusFailure(connection: OpaConnection, method: string, path: string, status: number, body: string): ApplicationFailure {
   const what = `snapshot of OPA "${connection.source}" failed: ${method} ${path} returned ${status}`;
   if (status === 401 || status === 403) {
@@ -114,7 +114,7 @@ export async function opaRequest(
   return response;
 }
 
-/** Sends one request and parses the JSON answer. For small documents only. */
+/** Sends one request and parses the JSON response. For small documents only. */
 export async function opaJson<T>(
   connection: OpaConnection,
   method: 'GET' | 'POST',

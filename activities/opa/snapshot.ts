@@ -1,7 +1,7 @@
 // Takes a snapshot of one live OPA instance without evaluating its rules.
 //
 // GET /v1/data evaluates every rule: a rule that calls http.send fires, and a
-// rule that fails at evaluation turns the whole answer into a 500. There is no
+// rule that fails at evaluation turns the whole response into a 500. There is no
 // parameter that returns base documents alone. So the snapshot reads the rule
 // paths from the policy ASTs and, for every prefix of a rule path, runs one
 // query of the form
@@ -53,7 +53,7 @@ interface QueryResponse<T> {
   result?: Array<{ x: T }>;
 }
 
-/** Runs a query whose answer is small, and returns the binding of x, or undefined. */
+/** Runs a query whose response is small, and returns the binding of x, or undefined. */
 async function queryValue<T>(connection: OpaConnection, query: string, signal?: AbortSignal): Promise<T | undefined> {
   const { body } = await opaJson<QueryResponse<T>>(connection, 'POST', 'v1/query', {
     body: JSON.stringify({ query }),
@@ -98,7 +98,7 @@ function withClauses(node: PathNode, path: string[]): string {
 }
 
 /**
- * Streams the value bound to x in a query answer into the writer, without its
+ * Streams the value bound to x in a query response into the writer, without its
  * outer braces, and returns the number of bytes written. The value must be an
  * object; an undefined result writes nothing.
  */
@@ -138,7 +138,7 @@ async function streamObjectMembers(
     if (error instanceof JsonShapeError) {
       throw ApplicationFailure.create({
         type: FailureType.InvalidResponse,
-        message: `snapshot of OPA "${connection.source}" failed: the answer for ${context.what} is not valid: ${error.message}`,
+        message: `snapshot of OPA "${connection.source}" failed: the response for ${context.what} is not valid: ${error.message}`,
       });
     }
     throw error;

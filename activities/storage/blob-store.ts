@@ -17,7 +17,7 @@ export interface PutOptions {
 }
 
 export interface BlobStore {
-  /** Where the store writes, for messages: "local folder /srv/backups" or "s3://bucket/prefix". */
+  /** Location of the store, for messages: "local folder /srv/backups" or "s3://bucket/prefix". */
   readonly description: string;
 
   /**
