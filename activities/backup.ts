@@ -28,7 +28,7 @@ import { DigestStream } from './digest';
 import { connectOpa } from './opa/client';
 import { packBundle } from './opa/bundle';
 import { policyFiles, snapshotOpa } from './opa/snapshot';
-import { checkSecretReferences, loadPlanFile, PlanError, validatePlan } from './plan-loader';
+import { checkPlanReferences, loadPlanFile, PlanError, relativePathIssues, validatePlan } from './plan-loader';
 import { openBlobStore } from './storage';
 import { activityLogger } from './logging';
 
@@ -46,14 +46,27 @@ export async function loadPlan(input: BackupWorkflowInput): Promise<Plan> {
     if (input.plan && input.planFile) {
       throw new PlanError('workflow input', [{ path: '', message: 'set either "plan" or "planFile", not both' }]);
     }
-    if (input.planFile) plan = loadPlanFile(input.planFile);
-    else if (input.plan) plan = validatePlan(input.plan, 'workflow input plan');
-    else throw new PlanError('workflow input', [{ path: '', message: 'missing "plan" or "planFile"' }]);
+    if (input.planFile) {
+      if (!path.isAbsolute(input.planFile)) {
+        throw new PlanError('workflow input', [
+          { path: 'planFile', message: `"${input.planFile}" must be an absolute path that the worker can read` },
+        ]);
+      }
+      plan = loadPlanFile(input.planFile);
+    } else if (input.plan) {
+      plan = validatePlan(input.plan, 'workflow input plan');
+      const relative = relativePathIssues(plan);
+      if (relative.length > 0) throw new PlanError('workflow input plan', relative);
+    } else {
+      throw new PlanError('workflow input', [
+        { path: '', message: 'missing "plan" (the plan document) or "planFile" (an absolute path); for example {"planFile": "/etc/opa-backup/plan.yaml"}' },
+      ]);
+    }
   } catch (error) {
     if (error instanceof PlanError) throw invalidPlan(error);
     throw error;
   }
-  const secretIssues = checkSecretReferences(plan);
+  const secretIssues = checkPlanReferences(plan);
   if (secretIssues.length > 0) {
     throw ApplicationFailure.create({
       type: FailureType.MissingSecret,
@@ -178,9 +191,18 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
   } catch (error) {
     log.warn({ error: (error as Error).message, attempt: context.info.attempt }, 'OPA snapshot failed');
     if (error instanceof ApplicationFailure || (error as Error).name === 'AbortError') throw error;
+    // Before the upload, an unexpected error comes from reading OPA (a
+    // response cut short, a policy AST of another shape); after, from the store.
+    if (phase !== 'upload') {
+      throw ApplicationFailure.create({
+        type: FailureType.SourceUnavailable,
+        message: `snapshot of OPA "${source.name}" failed while reading ${phase} from ${source.url}: ${(error as Error).message}`,
+        cause: error as Error,
+      });
+    }
     throw ApplicationFailure.create({
       type: FailureType.StorageFailed,
-      message: `snapshot of OPA "${source.name}" failed: ${(error as Error).message}`,
+      message: `snapshot of OPA "${source.name}" failed: writing to ${store.description}: ${(error as Error).message}`,
       cause: error as Error,
     });
   } finally {

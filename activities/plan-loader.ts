@@ -3,7 +3,7 @@
 // so a plan sent by `temporal workflow start` gets the same checks.
 import { readFileSync, accessSync, constants } from 'node:fs';
 import path from 'node:path';
-import { parseDocument } from 'yaml';
+import { isMap, isPair, isScalar, isSeq, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { planSchema, type Plan } from '../common/plan';
 
@@ -82,6 +82,13 @@ function suggestField(unknown: string): string {
   return best ? `; did you mean "${best}"?` : '; remove it or check its spelling';
 }
 
+function describeValue(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'a list';
+  if (typeof value === 'object') return 'a mapping';
+  return `${typeof value} ${JSON.stringify(value)}`;
+}
+
 function issuesFromZod(error: z.ZodError): PlanIssue[] {
   const issues: PlanIssue[] = [];
   for (const issue of error.issues) {
@@ -92,7 +99,11 @@ function issuesFromZod(error: z.ZodError): PlanIssue[] {
       continue;
     }
     let message = issue.message;
-    if (issue.code === 'invalid_type' && issue.input === undefined) message = 'is required';
+    if (issue.code === 'invalid_type') {
+      if (issue.path.length === 0) message = 'the plan must be a mapping with name, destination and sources';
+      else if (issue.input === undefined) message = 'is required';
+      else message = `must be ${issue.expected === 'int' ? 'an integer' : `of type ${issue.expected}`}, not ${describeValue(issue.input)}`;
+    }
     issues.push({ path: formatFieldPath(issue.path), message });
   }
   return issues;
@@ -100,9 +111,23 @@ function issuesFromZod(error: z.ZodError): PlanIssue[] {
 
 /** Validates a plan object and returns it typed; throws PlanError naming `origin`. */
 export function validatePlan(value: unknown, origin: string): Plan {
-  const result = planSchema.safeParse(value);
+  const result = planSchema.safeParse(value, { reportInput: true });
   if (!result.success) throw new PlanError(origin, issuesFromZod(result.error));
   return result.data;
+}
+
+/** Calls `action` on every node of a YAML tree with its field path. */
+function visit(node: unknown, fieldPath: PropertyKey[], action: (node: unknown, fieldPath: PropertyKey[]) => void): void {
+  action(node, fieldPath);
+  if (isMap(node)) {
+    for (const item of node.items) {
+      if (!isPair(item)) continue;
+      const key = isScalar(item.key) ? String(item.key.value) : String(item.key);
+      visit(item.value, [...fieldPath, key], action);
+    }
+  } else if (isSeq(node)) {
+    node.items.forEach((item, index) => visit(item, [...fieldPath, index], action));
+  }
 }
 
 /** Makes the plan's relative file paths absolute, starting at `baseDirectory`. */
@@ -128,15 +153,51 @@ export function loadPlanFile(file: string): Plan {
     const reason = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'file not found' : (error as Error).message;
     throw new PlanError(file, [{ path: '', message: `cannot read the plan: ${reason}` }]);
   }
-  const document = parseDocument(text, { prettyErrors: true, uniqueKeys: true });
+  // Integers are read as BigInt so that values beyond 2^53 are reported rather than rounded.
+  const document = parseDocument(text, { prettyErrors: true, uniqueKeys: true, intAsBigInt: true });
   if (document.errors.length > 0) {
     throw new PlanError(
       file,
       document.errors.map((error) => ({ path: '', message: `invalid YAML: ${error.message.split('\n')[0]}` })),
     );
   }
+  const unsafe: PlanIssue[] = [];
+  visit(document.contents, [], (node, fieldPath) => {
+    if (isScalar(node) && typeof node.value === 'bigint') {
+      if (node.value > BigInt(Number.MAX_SAFE_INTEGER) || node.value < BigInt(Number.MIN_SAFE_INTEGER)) {
+        unsafe.push({
+          path: formatFieldPath(fieldPath),
+          message: `${node.value} is beyond 2^53 and would be rounded; for probe inputs, write the input as inputJson text`,
+        });
+      }
+      node.value = Number(node.value);
+    }
+  });
+  if (unsafe.length > 0) throw new PlanError(file, unsafe);
   const plan = validatePlan(document.toJS(), file);
   return resolvePaths(plan, path.dirname(path.resolve(file)));
+}
+
+/**
+ * Lists the relative file paths of a plan that arrived without a file
+ * (inline in workflow input): they would resolve against the worker's
+ * working directory, which is rarely what the sender meant.
+ */
+export function relativePathIssues(plan: Plan): PlanIssue[] {
+  const issues: PlanIssue[] = [];
+  const check = (fieldPath: string, file: string | undefined): void => {
+    if (file !== undefined && !path.isAbsolute(file)) {
+      issues.push({ path: fieldPath, message: `"${file}" must be an absolute path in a plan sent as workflow input` });
+    }
+  };
+  check('destination.local.path', plan.destination.local?.path);
+  (plan.sources.opa ?? []).forEach((source, index) => {
+    check(`sources.opa[${index}].tls.caFile`, source.tls?.caFile);
+    check(`sources.opa[${index}].tls.certFile`, source.tls?.certFile);
+    if (source.token?.startsWith('file:')) check(`sources.opa[${index}].token`, source.token.slice(5));
+    if (source.tls?.key?.startsWith('file:')) check(`sources.opa[${index}].tls.key`, source.tls.key.slice(5));
+  });
+  return issues;
 }
 
 /** Every secret reference in a plan, with the field that holds it. */
@@ -150,12 +211,24 @@ export function secretReferences(plan: Plan): Array<{ path: string; reference: s
 }
 
 /**
- * Checks that each secret reference resolves in this process's environment:
- * the variable is set, the file is readable. Values are never read into the
- * result. Returns one issue per reference that does not resolve.
+ * Checks that the plan's references resolve in this process's environment:
+ * each secret's variable is set or file readable, and each TLS file
+ * readable. Secret values are never read into the result. Returns one issue
+ * per reference that does not resolve.
  */
-export function checkSecretReferences(plan: Plan): PlanIssue[] {
+export function checkPlanReferences(plan: Plan): PlanIssue[] {
   const issues: PlanIssue[] = [];
+  (plan.sources.opa ?? []).forEach((source, index) => {
+    for (const field of ['caFile', 'certFile'] as const) {
+      const file = source.tls?.[field];
+      if (!file) continue;
+      try {
+        accessSync(file, constants.R_OK);
+      } catch {
+        issues.push({ path: `sources.opa[${index}].tls.${field}`, message: `file ${file} is missing or not readable` });
+      }
+    }
+  });
   for (const { path: fieldPath, reference } of secretReferences(plan)) {
     if (reference.startsWith('env:')) {
       const variable = reference.slice(4);

@@ -8,7 +8,9 @@ import { openBlobStore, type BlobStore } from '../activities/storage';
 
 export interface BackupSummary {
   backupId: string;
-  status: Manifest['status'];
+  /** "unreadable" when the manifest exists but cannot be parsed; `error` says why. */
+  status: Manifest['status'] | 'unreadable';
+  error?: string;
   completedAt: string;
   artifacts: number;
   /** Stored bytes of all artifacts. */
@@ -33,7 +35,22 @@ export async function listBackups(plan: Plan): Promise<BackupList> {
   for await (const backupId of store.listFolders(`${plan.name}/`)) {
     const key = manifestKey(plan.name, backupId);
     if (!(await store.stat(key))) continue;
-    const manifest = await readManifest(store, key);
+    let manifest: Manifest;
+    try {
+      manifest = await readManifest(store, key);
+    } catch (error) {
+      backups.push({
+        backupId,
+        status: 'unreadable',
+        error: `${key}: ${(error as Error).message}`,
+        completedAt: '',
+        artifacts: 0,
+        size: 0,
+        sources: [],
+        failures: [],
+      });
+      continue;
+    }
     backups.push({
       backupId,
       status: manifest.status,

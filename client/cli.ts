@@ -3,9 +3,10 @@
 // Exit codes: 0 success; 1 the backup or command failed; 2 invalid usage or
 // an invalid plan (nothing was started); 3 the backup is partial (some
 // sources failed, the others are stored).
+import { randomBytes } from 'node:crypto';
 import { Command, CommanderError, Option } from 'commander';
 import { Connection, Client, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
-import { loadPlanFile, checkSecretReferences, PlanError } from '../activities/plan-loader';
+import { loadPlanFile, checkPlanReferences, PlanError } from '../activities/plan-loader';
 import { temporalSettings } from '../common/config';
 import type { Plan } from '../common/plan';
 import type { BackupProgress, BackupWorkflowResult } from '../common/workflow-types';
@@ -27,7 +28,7 @@ function loadCheckedPlan(file: string, checkSecrets: boolean): Plan {
   try {
     const plan = loadPlanFile(file);
     if (checkSecrets) {
-      const issues = checkSecretReferences(plan);
+      const issues = checkPlanReferences(plan);
       if (issues.length > 0) throw new PlanError(file, issues);
     }
     return plan;
@@ -51,8 +52,19 @@ async function connectClient(): Promise<{ client: Client; connection: Connection
   return { client: new Client({ connection, namespace: settings.namespace }), connection, taskQueue: settings.taskQueue };
 }
 
-function compactTimestamp(date: Date): string {
-  return date.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
+/** Builds a workflow id that sorts by time and differs between two starts in the same millisecond. */
+function backupWorkflowId(plan: string, date: Date): string {
+  const stamp = date.toISOString().replace(/[-:.]/g, '');
+  return `backup-${plan}-${stamp}-${randomBytes(3).toString('hex')}`;
+}
+
+/** Returns the message of the innermost cause: for a failed workflow, the activity's own error. */
+function rootMessage(error: unknown): string {
+  let current = error as { message?: string; cause?: unknown } | undefined;
+  while (current && current.cause && typeof current.cause === 'object') {
+    current = current.cause as { message?: string; cause?: unknown };
+  }
+  return current?.message ?? String(error);
 }
 
 interface PendingActivity {
@@ -111,7 +123,7 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
   const { client, connection, taskQueue } = await connectClient();
   const print = options.json ? (line: string) => process.stderr.write(`${line}\n`) : (line: string) => console.log(line);
   try {
-    const workflowId = `backup-${plan.name}-${compactTimestamp(new Date())}`;
+    const workflowId = backupWorkflowId(plan.name, new Date());
     const handle = await client.workflow.start('backupWorkflow', {
       taskQueue,
       workflowId,
@@ -136,7 +148,7 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
     try {
       result = await handle.result();
     } catch (error) {
-      const cause = error instanceof WorkflowFailedError ? (error.cause?.message ?? error.message) : (error as Error).message;
+      const cause = error instanceof WorkflowFailedError ? rootMessage(error) : (error as Error).message;
       if (options.json) console.log(JSON.stringify({ workflowId, status: 'failed', error: cause }));
       throw new ExitError(`backup failed: ${cause}`, EXIT_FAILED);
     }
@@ -151,9 +163,10 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
 async function listCommand(options: { plan: string; json?: boolean }): Promise<number> {
   const plan = loadCheckedPlan(options.plan, false);
   const backups = await listBackups(plan);
+  const damaged = backups.some((backup) => backup.status === 'unreadable');
   if (options.json) {
     console.log(JSON.stringify({ plan: plan.name, destination: backups.destination, backups: [...backups] }, null, 2));
-    return EXIT_OK;
+    return damaged ? EXIT_FAILED : EXIT_OK;
   }
   if (backups.length === 0) {
     console.log(`no backups of plan ${plan.name} in ${backups.destination}`);
@@ -171,8 +184,10 @@ async function listCommand(options: { plan: string; json?: boolean }): Promise<n
         backup.completedAt,
       ].join(' '),
     );
+    if (backup.error) console.log(`  ${backup.error}`);
   }
-  return EXIT_OK;
+  // A manifest that cannot be read is damage a person must look at.
+  return backups.some((backup) => backup.status === 'unreadable') ? EXIT_FAILED : EXIT_OK;
 }
 
 export function buildProgram(): Command {
@@ -219,7 +234,10 @@ export async function main(argv: string[]): Promise<void> {
       process.exitCode = error.exitCode;
       return;
     }
-    console.error(`opa-backup: ${(error as Error).stack ?? String(error)}`);
+    // Temporal client errors (namespace not found, workflow already started)
+    // carry their own message; the stack only helps with a bug, on request.
+    const detail = process.env.OPA_BACKUP_DEBUG ? ((error as Error).stack ?? String(error)) : rootMessage(error);
+    console.error(`opa-backup: ${(error as Error).name ?? 'Error'}: ${detail}`);
     process.exitCode = EXIT_FAILED;
   }
 }

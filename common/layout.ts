@@ -10,12 +10,14 @@ import { MANIFEST_FILE } from './manifest';
 
 /**
  * Builds a backup id that sorts by time: the UTC start time of the workflow
- * run to the second, then the first 8 characters of the run id so two runs in
- * the same second differ. Example: 20261204T194512Z-3f9a1c2b.
+ * run to the second, then the last 8 hex digits of the run id so two runs in
+ * the same second differ. Run ids are UUIDv7, whose leading digits are a
+ * timestamp and whose trailing digits are random. Example:
+ * 20261204T194512Z-3f9a1c2b.
  */
 export function makeBackupId(startTime: Date, runId: string): string {
   const stamp = startTime.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
-  return `${stamp}-${runId.replace(/-/g, '').slice(0, 8)}`;
+  return `${stamp}-${runId.replace(/-/g, '').slice(-8)}`;
 }
 
 const BACKUP_ID_PATTERN = /^(\d{8}T\d{6}Z)-[0-9a-z]{1,32}$/;

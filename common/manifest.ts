@@ -10,6 +10,8 @@ export const MANIFEST_FILE = 'manifest.json';
 export interface RecordedProbe {
   path: string;
   input?: unknown;
+  /** The input as JSON text, when the plan gave it so. */
+  inputJson?: string;
   /** HTTP status of POST /v1/data/{path}. */
   status: number;
   /** The result exactly as OPA serialised it; absent when the document is undefined or on error. */

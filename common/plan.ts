@@ -5,7 +5,7 @@
 import { z } from 'zod';
 
 const NAME_PATTERN = /^[a-z0-9][a-z0-9_-]{0,62}$/;
-const DURATION_PATTERN = /^\d+(ms|s|m|h|d)$/;
+const DURATION_PATTERN = /^[1-9]\d*(ms|s|m|h|d)$/;
 const SECRET_REFERENCE_PATTERN = /^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$/;
 
 const name = z
@@ -14,7 +14,7 @@ const name = z
 
 const duration = z
   .string()
-  .regex(DURATION_PATTERN, 'must be a duration such as "500ms", "30s", "10m", "2h" or "7d"');
+  .regex(DURATION_PATTERN, 'must be a positive duration such as "500ms", "30s", "10m", "2h" or "7d"');
 
 /** A reference to a secret, resolved on the worker when an activity needs it. */
 export const secretReference = z
@@ -43,14 +43,36 @@ const probe = z
     path: z.string().regex(/^[^/].*$/, 'must be a path under /v1/data without a leading "/", such as "app/authz/allow"'),
     /** The input document sent with the query. */
     input: z.unknown().optional(),
+    /** The input as JSON text, for numbers YAML and JavaScript cannot hold exactly (beyond 2^53). */
+    inputJson: z
+      .string()
+      .refine(
+        (text) => {
+          try {
+            JSON.parse(text);
+            return true;
+          } catch {
+            return false;
+          }
+        },
+        { message: 'must be valid JSON text' },
+      )
+      .optional(),
   })
-  .strict();
+  .strict()
+  .refine((value) => value.input === undefined || value.inputJson === undefined, {
+    message: 'set either "input" or "inputJson", not both',
+  });
 
 const opaSource = z
   .object({
     name,
     /** Base URL of the OPA REST API, such as http://127.0.0.1:8181. */
-    url: z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' }),
+    url: z
+      .url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' })
+      .refine((value) => !/^https?:\/\/[^/]*@/.test(value), {
+        message: 'must not contain credentials (user:password@); use token: env:NAME for OPA tokens',
+      }),
     /** Bearer token for OPA's token authentication. */
     token: secretReference.optional(),
     tls: tlsOptions.optional(),

@@ -250,3 +250,25 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
     await opa.stop();
   }
 });
+
+test('CLI shows why the worker rejected the plan', async () => {
+  const planFile = path.join(folder, 'worker-secret.yaml');
+  writeFileSync(
+    planFile,
+    [
+      'name: worker-secret',
+      `destination: { local: { path: ${JSON.stringify(folder)} } }`,
+      'sources:',
+      '  opa:',
+      '    - { name: edge, url: "http://127.0.0.1:9", token: env:OPA_FAULTS_SET_ONLY_FOR_THE_CLI }',
+    ].join('\n'),
+  );
+  const cli = path.join(repositoryRoot, 'bin', 'opa-backup');
+  const run = spawnSync(process.execPath, [cli, 'backup', '--plan', planFile, '--wait', '--no-secret-check'], {
+    env: { ...process.env, TEMPORAL_ADDRESS: stack.temporal.address, OPA_BACKUP_TASK_QUEUE: stack.taskQueue },
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  assert.equal(run.status, 1, run.stderr);
+  assert.match(run.stderr, /backup failed: .*sources\.opa\[0\]\.token: environment variable OPA_FAULTS_SET_ONLY_FOR_THE_CLI .*is not set/);
+});

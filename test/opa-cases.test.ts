@@ -151,6 +151,13 @@ for (const name of caseNames) {
       for (const probe of recorded) {
         assert.deepEqual(decisionOf(await recordProbe(connection, probe)), decisionOf(probe), `restored probe ${probe.path}`);
       }
+
+      // A second backup of the unchanged OPA stores the same data and policy files.
+      const again = await stack.backup(plan);
+      assert.notEqual(again.backupId, result.backupId);
+      const secondManifest = JSON.parse(readFileSync(path.join(folder, again.manifestKey), 'utf8'));
+      assert.equal(secondManifest.artifacts[0].facts.dataSha256, manifest.artifacts[0].facts.dataSha256);
+      assert.deepEqual(secondManifest.artifacts[0].facts.policies, manifest.artifacts[0].facts.policies);
     } finally {
       await live.stop();
       await restored?.stop();

@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { loadPlanFile, PlanError, validatePlan } from '../activities/plan-loader';
+import { checkPlanReferences, loadPlanFile, PlanError, validatePlan } from '../activities/plan-loader';
 import { runsDirectory } from './harness/process';
 import { repositoryRoot } from './harness/tools';
 
@@ -140,4 +140,79 @@ test('plan file resolves relative paths from its folder', () => {
   assert.equal(plan.destination.local?.path, path.join(directory, 'backups'));
   assert.equal(plan.sources.opa?.[0].token, `file:${path.join(directory, 'token')}`);
   assert.equal(plan.sources.opa?.[0].tls?.caFile, path.join(directory, 'ca.pem'));
+});
+
+test('plan field of the wrong type names the type', () => {
+  assert.throws(
+    () => validatePlan({ name: 1, destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] } }, 'inline'),
+    /inline: name: must be of type string, not number 1/,
+  );
+});
+
+test('empty plan file says what a plan needs', () => {
+  const directory = mkdtempSync(path.join(runsDirectory, 'plan-'));
+  const file = path.join(directory, 'empty.yaml');
+  writeFileSync(file, '');
+  assert.throws(() => loadPlanFile(file), /empty\.yaml: the plan must be a mapping with name, destination and sources/);
+});
+
+test('plan with a zero timeout is rejected', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        {
+          name: 'p',
+          destination: { local: { path: '/tmp/x' } },
+          sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+          settings: { opaSnapshot: { attemptTimeout: '0s' } },
+        },
+        'inline',
+      ),
+    /settings\.opaSnapshot\.attemptTimeout: must be a positive duration/,
+  );
+});
+
+test('plan url with credentials is rejected', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://user:pw@127.0.0.1:1' }] } },
+        'inline',
+      ),
+    /sources\.opa\[0\]\.url: must not contain credentials/,
+  );
+});
+
+test('plan integer beyond 2^53 is rejected', () => {
+  const directory = mkdtempSync(path.join(runsDirectory, 'plan-'));
+  const file = path.join(directory, 'big.yaml');
+  writeFileSync(
+    file,
+    [
+      'name: big',
+      'destination: { local: { path: ./b } }',
+      'sources:',
+      '  opa:',
+      '    - name: a',
+      '      url: http://127.0.0.1:1',
+      '      probes:',
+      '        - { path: p/q, input: { n: 9007199254740993 } }',
+      '        - { path: p/q, inputJson: \'{"n": 9007199254740993}\' }',
+    ].join('\n'),
+  );
+  assert.throws(() => loadPlanFile(file), /sources\.opa\[0\]\.probes\[0\]\.input\.n: 9007199254740993 is beyond 2\^53/);
+});
+
+test('plan with a missing CA file fails the reference check', () => {
+  const plan = validatePlan(
+    {
+      name: 'p',
+      destination: { local: { path: '/tmp/x' } },
+      sources: { opa: [{ name: 'a', url: 'https://127.0.0.1:1', tls: { caFile: '/nonexistent/ca.pem' } }] },
+    },
+    'inline',
+  );
+  assert.deepEqual(checkPlanReferences(plan), [
+    { path: 'sources.opa[0].tls.caFile', message: 'file /nonexistent/ca.pem is missing or not readable' },
+  ]);
 });

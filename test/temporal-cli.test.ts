@@ -59,6 +59,29 @@ test('temporal workflow execute runs a backup from a plan file', () => {
   assert.ok(existsSync(path.join(folder, 'backups', output.result.manifestKey)));
 });
 
+test('temporal workflow execute with a relative plan file names the fix', () => {
+  const run = temporal([
+    'workflow',
+    'execute',
+    '--type',
+    'backupWorkflow',
+    '--task-queue',
+    stack.taskQueue,
+    '--workflow-id',
+    'backup-relative-plan',
+    '--input',
+    JSON.stringify({ planFile: 'plan.yaml' }),
+  ]);
+  assert.notEqual(run.status, 0);
+  assert.match(run.stdout + run.stderr, /planFile: "plan\.yaml" must be an absolute path that the worker can read/);
+});
+
+test('temporal workflow execute without input names the fields', () => {
+  const run = temporal(['workflow', 'execute', '--type', 'backupWorkflow', '--task-queue', stack.taskQueue, '--workflow-id', 'backup-no-input']);
+  assert.notEqual(run.status, 0);
+  assert.match(run.stdout + run.stderr, /missing "plan" \(the plan document\) or "planFile"/);
+});
+
 test('temporal workflow execute with an invalid plan fails without retrying', () => {
   const planFile = path.join(folder, 'invalid.yaml');
   writeFileSync(planFile, 'name: Bad Name\n');

@@ -1,7 +1,7 @@
 // The opa-backup worker: polls the task queue, runs workflows and
 // activities, and shuts down gracefully on SIGTERM or SIGINT, letting running
 // activities finish within the grace time before it exits.
-import { DefaultLogger, NativeConnection, Runtime, Worker, type LogEntry } from '@temporalio/worker';
+import { DefaultLogger, makeTelemetryFilterString, NativeConnection, Runtime, Worker, type LogEntry } from '@temporalio/worker';
 import type { Duration } from '@temporalio/common';
 import * as activities from '../activities';
 import { logger } from '../activities/logging';
@@ -10,6 +10,8 @@ import { temporalSettings } from '../common/config';
 function installRuntimeLogger(): void {
   const sdkLogger = logger.child({ component: 'temporal-sdk' });
   Runtime.install({
+    // Forward the SDK core's own logs to the same JSON lines.
+    telemetryOptions: { logging: { forward: {}, filter: makeTelemetryFilterString({ core: 'WARN', other: 'WARN' }) } },
     logger: new DefaultLogger('INFO', (entry: LogEntry) => {
       const fields = { ...(entry.meta ?? {}) };
       const level = entry.level.toLowerCase();

@@ -64,7 +64,14 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   const progress: BackupProgress = { backupId, sources: [], sealed: false };
   setHandler(backupProgressQuery, () => progress);
 
-  const plan = await planActivities.loadPlan(input);
+  let plan;
+  try {
+    plan = await planActivities.loadPlan(input ?? {});
+  } catch (error) {
+    // Fail the workflow with the plan's own message, not "activity task failed".
+    const { type, message } = describeFailure(error);
+    throw ApplicationFailure.create({ type, nonRetryable: true, message });
+  }
   progress.plan = plan.name;
   const opaSources = plan.sources.opa ?? [];
   progress.sources = opaSources.map((source) => ({ kind: 'opa', name: source.name, state: 'pending' }));

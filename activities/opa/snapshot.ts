@@ -173,6 +173,7 @@ async function writeBaseDocuments(
 
   const prefixes = [...node.children].filter(([, child]) => !child.rule);
   if (path.length === 0 && !node.children.has('system')) prefixes.push(['system', new PathNode()]);
+  prefixes.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
   for (const [key, child] of prefixes) {
     const mark = writer.position;
     await writer.write(`${hasMembers ? ',' : ''}${JSON.stringify(key)}:`);
@@ -189,7 +190,9 @@ async function writeBaseDocuments(
 /** Evaluates one probe on a live OPA and records the decision or the error. */
 export async function recordProbe(connection: OpaConnection, probe: Probe, signal?: AbortSignal): Promise<RecordedProbe> {
   const path = probe.path.split('/').map(encodeURIComponent).join('/');
-  const body = JSON.stringify(probe.input === undefined ? {} : { input: probe.input });
+  let body = '{}';
+  if (probe.inputJson !== undefined) body = `{"input":${probe.inputJson}}`;
+  else if (probe.input !== undefined) body = JSON.stringify({ input: probe.input });
   const response = await opaRequest(connection, 'POST', `v1/data/${path}`, {
     body,
     signal,
@@ -201,6 +204,7 @@ export async function recordProbe(connection: OpaConnection, probe: Probe, signa
   const text = Buffer.concat(chunks);
   const recorded: RecordedProbe = { path: probe.path, status };
   if (probe.input !== undefined) recorded.input = probe.input;
+  if (probe.inputJson !== undefined) recorded.inputJson = probe.inputJson;
 
   if (status === 200) {
     const result: Buffer[] = [];
@@ -236,7 +240,9 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
       message: `snapshot of OPA "${connection.source}" failed: GET /v1/policies has no result list; is ${connection.baseUrl.origin} an OPA server?`,
     });
   }
-  const modules = policies.result;
+  // OPA lists policies in no fixed order; sorting keeps bundles of an
+  // unchanged OPA identical.
+  const modules = [...policies.result].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
   const tree = ruleTree(modules);
   const regoVersion = await detectRegoVersion(connection, signal);
   const opaVersion = await queryValue<string>(connection, 'x := opa.runtime().version', signal);
