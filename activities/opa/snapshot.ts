@@ -312,6 +312,13 @@ export function sha256Hex(data: string | Buffer): string {
  * ".rego" is appended where missing so OPA loads the file as a module.
  */
 export function policyFiles(modules: Array<{ id: string; raw: string }>): PolicyRecord[] {
+  // A file may not share its path with a folder of another file ("z.rego"
+  // and "z.rego/inner"): tar could not unpack both.
+  const folders = new Set<string>();
+  for (const module of modules) {
+    const segments = module.id.split('/');
+    for (let end = 1; end < segments.length; end++) folders.add(`policies/${segments.slice(0, end).join('/')}`);
+  }
   const used = new Set<string>();
   return modules.map((module) => {
     const segments = module.id.split('/').map((segment) => {
@@ -323,7 +330,7 @@ export function policyFiles(modules: Array<{ id: string; raw: string }>): Policy
     let file = `policies/${segments.join('/')}`;
     if (!file.endsWith('.rego')) file += '.rego';
     let unique = file;
-    for (let suffix = 2; used.has(unique); suffix++) unique = file.replace(/\.rego$/, `~${suffix}.rego`);
+    for (let suffix = 2; used.has(unique) || folders.has(unique); suffix++) unique = file.replace(/\.rego$/, `~${suffix}.rego`);
     used.add(unique);
     return { id: module.id, file: unique, sha256: sha256Hex(module.raw) };
   });
