@@ -1,6 +1,6 @@
 // Finds the binaries the tests start: .tools/bin (where scripts/setup.sh
 // installs them) first, then PATH, then the PostgreSQL server folder.
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, realpathSync } from 'node:fs';
 import path from 'node:path';
 
 export const repositoryRoot = path.resolve(__dirname, '..', '..', '..');
@@ -23,10 +23,15 @@ function postgresBin(): string | undefined {
   return versions.length > 0 ? path.join(base, versions[0], 'bin') : undefined;
 }
 
-/** Absolute path of a tool; throws with the setup command when it is missing. */
+/**
+ * Absolute path of a tool, with links resolved; throws with the setup command
+ * when it is missing. Resolving matters for servers started as the postgres
+ * user, who may not be allowed into the checkout (a clone in a private
+ * temporary folder) where .tools/bin links to the real binaries.
+ */
 export function tool(name: string): string {
   const local = path.join(toolsBin, name);
-  if (existsSync(local)) return local;
+  if (existsSync(local)) return realpathSync(local);
   const found = searchPath(name);
   if (found) return found;
   const postgres = postgresBin();
