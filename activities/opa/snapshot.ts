@@ -1,17 +1,14 @@
 // Takes a snapshot of one live OPA instance without evaluating its rules.
 //
 // GET /v1/data evaluates every rule: a rule that calls http.send fires, and a
-// rule that fails at evaluation turns the whole response into a 500. There is no
-// parameter that returns base documents alone. So the snapshot reads the rule
-// paths from the policy ASTs and, for every prefix of a rule path, runs one
-// query of the form
-//
-//   x := object.remove(data.P, [rules and prefixes under P]) with data.P.r as null ...
-//
-// The `with` modifiers replace every rule under P by a constant, so no
-// user-written rule runs, and object.remove drops those keys again. Subtrees
-// that hold no rules are streamed into data.json byte for byte, which keeps
-// numbers exactly as OPA stored them.
+// rule that fails at evaluation turns the whole response into a 500. There is
+// no parameter that returns base documents alone. So the snapshot reads the
+// rule paths from the policy ASTs, lists the base-document keys of every
+// prefix of a rule path in one query whose `with` modifiers replace every rule
+// by a constant (so no user-written rule runs), and then reads each subtree
+// that holds no rule with a plain query such as x := data["app"]["users"].
+// Those values stream into data.json byte for byte, which keeps numbers
+// exactly as OPA stored them.
 import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { ApplicationFailure } from '@temporalio/common';
@@ -19,7 +16,7 @@ import { FailureType } from '../../common/failures';
 import type { PolicyRecord, RecordedProbe } from '../../common/manifest';
 import type { Probe } from '../../common/plan';
 import { opaJson, opaRequest, type OpaConnection } from './client';
-import { JsonValueExtractor, JsonShapeError, type JsonPathStep } from './json-extract';
+import { JsonValueExtractor, JsonShapeError } from './json-extract';
 import { dataReference, PathNode, ruleTree, type PolicyModule } from './rules';
 
 /** Keys under data.system that OPA itself writes. Restoring them would fake bundle ownership. */
@@ -98,32 +95,28 @@ function withClauses(node: PathNode, path: string[]): string {
 }
 
 /**
- * Streams the value bound to x in a query response into the writer, without its
- * outer braces, and returns the number of bytes written. The value must be an
- * object; an undefined result writes nothing.
+ * Streams the value bound to x in a query response into the writer and
+ * returns whether the query had a result. With `members`, the value must be
+ * an object and only its members are written, without the outer braces.
  */
-async function streamObjectMembers(
+async function streamQueryValue(
   connection: OpaConnection,
   query: string,
   writer: PositionedWriter,
-  context: { signal?: AbortSignal; onBytes: (bytes: number) => void; what: string },
-): Promise<number> {
+  context: { signal?: AbortSignal; onBytes: (bytes: number) => void; what: string; members: boolean },
+): Promise<boolean> {
   const response = await opaRequest(connection, 'POST', 'v1/query', {
     body: JSON.stringify({ query }),
     signal: context.signal,
   });
-  const start = writer.position;
   let pending: Buffer[] = [];
   let first = true;
-  const steps: JsonPathStep[] = ['result', 0, 'x'];
-  const extractor = new JsonValueExtractor(steps, (slice) => {
-    if (first) {
-      first = false;
-      if (slice[0] !== 0x7b) {
-        throw new JsonShapeError(`${context.what} is not an object`);
-      }
+  const extractor = new JsonValueExtractor(['result', 0, 'x'], (slice) => {
+    if (first && context.members) {
+      if (slice[0] !== 0x7b) throw new JsonShapeError(`${context.what} is not an object`);
       slice = slice.subarray(1);
     }
+    first = false;
     if (slice.length > 0) pending.push(slice);
   });
   try {
@@ -143,33 +136,94 @@ async function streamObjectMembers(
     }
     throw error;
   }
-  if (!extractor.found) return 0;
   // Take back the closing brace of the object.
-  writer.position -= 1;
-  return writer.position - start;
+  if (extractor.found && context.members) writer.position -= 1;
+  return extractor.found;
+}
+
+/** A prefix of rule paths, and the keys of base documents directly under it. */
+interface Level {
+  node: PathNode;
+  path: string[];
+  baseKeys: string[];
+}
+
+/** Each prefix of a rule path, and data.system, which a read of data never shows. */
+function prefixLevels(root: PathNode): Level[] {
+  const levels: Level[] = [];
+  const visit = (node: PathNode, path: string[]): void => {
+    levels.push({ node, path, baseKeys: [] });
+    for (const [key, child] of node.children) if (!child.rule) visit(child, [...path, key]);
+  };
+  visit(root, []);
+  if (!root.children.has('system')) levels.push({ node: new PathNode(), path: ['system'], baseKeys: [] });
+  return levels;
+}
+
+const levelId = (path: readonly string[]): string => JSON.stringify(path);
+
+/**
+ * Lists the base-document keys of every level in one query. Any query with a
+ * `with` modifier on data makes OPA convert the base documents it reads into
+ * its internal form, which costs about as much as serialising them; one
+ * query for all levels pays that once, where one query per level would pay
+ * it again at every level.
+ */
+async function listBaseKeys(connection: OpaConnection, root: PathNode, levels: Level[], signal?: AbortSignal): Promise<void> {
+  // `_ = data.P[k]` rather than `some k, _ in`: servers run with
+  // --v0-compatible parse queries as v0, where `in` is not a keyword.
+  const entries = levels.map((level, index) => `${JSON.stringify(String(index))}: [k | _ = ${dataReference(level.path)}[k]]`);
+  const keys = (await queryValue<Record<string, string[]>>(connection, `x := {${entries.join(', ')}}${withClauses(root, [])}`, signal)) ?? {};
+  levels.forEach((level, index) => {
+    const omitted = new Set(level.node.children.keys());
+    if (level.path.length === 1 && level.path[0] === 'system') OPA_MANAGED_SYSTEM_KEYS.forEach((key) => omitted.add(key));
+    level.baseKeys = (keys[String(index)] ?? []).filter((key) => !omitted.has(key)).sort();
+  });
 }
 
 /**
+ * Levels with more base keys than this are read with one rule-replacing
+ * query instead of one plain read per key; a plain read costs about 1 ms.
+ */
+const MAX_PLAIN_READS_PER_LEVEL = 256;
+
+/**
  * Writes the base documents under `path` as a JSON object and returns whether
- * it holds any member. An object that only rules populate is left out, which
- * is how the restored OPA shows it too.
+ * it has any member. Subtrees without rules are plain reads, which OPA
+ * serves from its store without converting them. An object that only rules
+ * populate is left out, which is how the restored OPA shows it too.
  */
 async function writeBaseDocuments(
   connection: OpaConnection,
   node: PathNode,
   path: string[],
+  levels: Map<string, Level>,
   writer: PositionedWriter,
   context: { signal?: AbortSignal; onBytes: (bytes: number) => void },
 ): Promise<boolean> {
   await writer.write('{');
-  const excluded = new Set(node.children.keys());
-  if (path.length === 1 && path[0] === 'system') OPA_MANAGED_SYSTEM_KEYS.forEach((key) => excluded.add(key));
+  let hasMembers = false;
+  const level = levels.get(levelId(path));
+  const baseKeys = level?.baseKeys ?? [];
 
-  const reference = dataReference(path);
-  const target = excluded.size > 0 ? `object.remove(${reference}, ${JSON.stringify([...excluded])})` : reference;
-  const query = `x := ${target}${withClauses(node, path)}`;
-  const what = path.length === 0 ? 'data' : `data.${path.join('.')}`;
-  let hasMembers = (await streamObjectMembers(connection, query, writer, { ...context, what })) > 0;
+  if (baseKeys.length > MAX_PLAIN_READS_PER_LEVEL) {
+    const excluded = new Set(node.children.keys());
+    if (path.length === 1 && path[0] === 'system') OPA_MANAGED_SYSTEM_KEYS.forEach((key) => excluded.add(key));
+    const query = `x := object.remove(${dataReference(path)}, ${JSON.stringify([...excluded])})${withClauses(node, path)}`;
+    const start = writer.position;
+    await streamQueryValue(connection, query, writer, { ...context, what: `data.${path.join('.')}`, members: true });
+    hasMembers = writer.position > start;
+  } else {
+    for (const key of baseKeys) {
+      const mark = writer.position;
+      await writer.write(`${hasMembers ? ',' : ''}${JSON.stringify(key)}:`);
+      const reference = dataReference([...path, key]);
+      const found = await streamQueryValue(connection, `x := ${reference}`, writer, { ...context, what: reference, members: false });
+      // A key deleted since the listing has no value: take its name back.
+      if (found) hasMembers = true;
+      else writer.position = mark;
+    }
+  }
 
   const prefixes = [...node.children].filter(([, child]) => !child.rule);
   if (path.length === 0 && !node.children.has('system')) prefixes.push(['system', new PathNode()]);
@@ -177,7 +231,7 @@ async function writeBaseDocuments(
   for (const [key, child] of prefixes) {
     const mark = writer.position;
     await writer.write(`${hasMembers ? ',' : ''}${JSON.stringify(key)}:`);
-    if (await writeBaseDocuments(connection, child, [...path, key], writer, context)) {
+    if (await writeBaseDocuments(connection, child, [...path, key], levels, writer, context)) {
       hasMembers = true;
     } else {
       writer.position = mark;
@@ -265,7 +319,10 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
   const handle = await open(options.dataFile, 'w');
   try {
     const writer = new PositionedWriter(handle);
-    await writeBaseDocuments(connection, tree, [], writer, {
+    const levels = prefixLevels(tree);
+    await listBaseKeys(connection, tree, levels, signal);
+    const levelsByPath = new Map(levels.map((level) => [levelId(level.path), level]));
+    await writeBaseDocuments(connection, tree, [], levelsByPath, writer, {
       signal,
       onBytes: (bytes) => {
         dataBytes += bytes;
