@@ -1,6 +1,6 @@
 // The blob store: where artifacts and manifests live. Two implementations
 // share this interface: S3 (and S3-compatible services) and a local folder.
-import type { Readable } from 'node:stream';
+import { Transform, type Readable, type TransformCallback } from 'node:stream';
 
 export interface StoredObject {
   /** Key relative to the store's root or prefix. */
@@ -42,6 +42,21 @@ export interface BlobStore {
 
   /** Deletes an object; deleting a missing key is not an error. */
   delete(key: string): Promise<void>;
+}
+
+/** A pass-through stream that counts bytes and reports the running total, for puts. */
+export class ByteCounter extends Transform {
+  bytes = 0;
+
+  constructor(private readonly onProgress?: (bytes: number) => void) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    this.bytes += chunk.length;
+    this.onProgress?.(this.bytes);
+    callback(null, chunk);
+  }
 }
 
 export class ObjectNotFoundError extends Error {

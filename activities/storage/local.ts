@@ -6,9 +6,9 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { Transform, type Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
+import { ByteCounter, checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
 
 /** Temporary files of unfinished puts carry this marker; listings skip them. */
 const PARTIAL_MARKER = '.partial-';
@@ -29,14 +29,7 @@ export class LocalBlobStore implements BlobStore {
     const target = this.file(key);
     await mkdir(path.dirname(target), { recursive: true });
     const temporary = `${target}${PARTIAL_MARKER}${randomBytes(6).toString('hex')}`;
-    let size = 0;
-    const counter = new Transform({
-      transform(chunk: Buffer, _encoding, callback) {
-        size += chunk.length;
-        options.onProgress?.(size);
-        callback(null, chunk);
-      },
-    });
+    const counter = new ByteCounter(options.onProgress);
     try {
       await pipeline(body, counter, createWriteStream(temporary), { signal: options.signal });
       const handle = await open(temporary, 'r');
@@ -46,15 +39,15 @@ export class LocalBlobStore implements BlobStore {
         await handle.close();
       }
       const written = (await stat(temporary)).size;
-      if (written !== size) {
-        throw new Error(`put of ${key} to ${this.description} wrote ${written} bytes, expected ${size}`);
+      if (written !== counter.bytes) {
+        throw new Error(`put of ${key} to ${this.description} wrote ${written} bytes, expected ${counter.bytes}`);
       }
       await rename(temporary, target);
     } catch (error) {
       await rm(temporary, { force: true });
       throw error;
     }
-    return { size };
+    return { size: counter.bytes };
   }
 
   async get(key: string): Promise<Readable> {

@@ -12,8 +12,8 @@ import {
   S3Client,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
-import { pipeline, Transform, type Readable } from 'node:stream';
-import { checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
+import { pipeline, type Readable } from 'node:stream';
+import { ByteCounter, checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -64,14 +64,7 @@ export class S3BlobStore implements BlobStore {
       throw new Error(`upload of ${key} to ${this.description} cancelled before it started`, { cause: signal.reason });
     }
 
-    let size = 0;
-    const counter = new Transform({
-      transform(chunk: Buffer, _encoding, callback) {
-        size += chunk.length;
-        options.onProgress?.(size);
-        callback(null, chunk);
-      },
-    });
+    const counter = new ByteCounter(options.onProgress);
     // pipeline() destroys both streams when either fails, so a body error
     // reaches the upload and a failed or cancelled upload stops the body.
     // The upload reports the error, so the callback has nothing to do.
@@ -104,10 +97,10 @@ export class S3BlobStore implements BlobStore {
     }
     // A cheap check where silent truncation would be a disaster: the stored size must match what was sent.
     const stored = await this.stat(key);
-    if (!stored || stored.size !== size) {
-      throw new Error(`upload of ${key} to ${this.description} stored ${stored?.size ?? 'no'} bytes, expected ${size}`);
+    if (!stored || stored.size !== counter.bytes) {
+      throw new Error(`upload of ${key} to ${this.description} stored ${stored?.size ?? 'no'} bytes, expected ${counter.bytes}`);
     }
-    return { size };
+    return { size: counter.bytes };
   }
 
   async get(key: string): Promise<Readable> {
