@@ -211,6 +211,34 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
   }
 }
 
+/**
+ * Stores a step's facts as a small JSON object beside its artifact and
+ * returns its key and digest; sealBackup moves the content into the manifest.
+ */
+export async function storeFacts(
+  store: ReturnType<typeof openBlobStore>,
+  folder: string,
+  factsKey: string,
+  facts: unknown,
+): Promise<{ factsKey: string; factsSha256: string }> {
+  const text = JSON.stringify(facts);
+  await store.put(`${folder}/${factsKey}`, Readable.from([Buffer.from(text)]), { contentType: 'application/json' });
+  return { factsKey, factsSha256: createHash('sha256').update(text).digest('hex') };
+}
+
+/**
+ * Heartbeats on a timer at a third of the heartbeat timeout, with the
+ * details `details()` returns. One slow request must not look like a dead
+ * worker; request and dump timeouts bound a hung step instead. Returns the
+ * function that stops the timer.
+ */
+export function heartbeatTimer(details: () => unknown): () => void {
+  const context = Context.current();
+  const timeoutMs = context.info.heartbeatTimeoutMs ?? 30_000;
+  const ticker = setInterval(() => context.heartbeat(details()), Math.max(100, Math.floor(timeoutMs / 3)));
+  return () => clearInterval(ticker);
+}
+
 async function readSmallObject(store: ReturnType<typeof openBlobStore>, key: string): Promise<Buffer> {
   const chunks: Buffer[] = [];
   for await (const chunk of await store.get(key)) chunks.push(chunk as Buffer);

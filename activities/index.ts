@@ -1,2 +1,3 @@
 // Every activity the worker registers.
 export { loadPlan, snapshotOpaSource, sealBackup, describeDestination } from './backup';
+export { listPostgresDatabases, dumpPostgres } from './postgres/step';

@@ -141,6 +141,9 @@ function resolvePaths(plan: Plan, baseDirectory: string): Plan {
     if (source.tls?.key?.startsWith('file:')) source.tls.key = `file:${absolute(source.tls.key.slice(5))}`;
     if (source.token?.startsWith('file:')) source.token = `file:${absolute(source.token.slice(5))}`;
   }
+  for (const source of copy.sources.postgres ?? []) {
+    if (source.password?.startsWith('file:')) source.password = `file:${absolute(source.password.slice(5))}`;
+  }
   return copy;
 }
 
@@ -206,6 +209,9 @@ export function secretReferences(plan: Plan): Array<{ path: string; reference: s
   (plan.sources.opa ?? []).forEach((source, index) => {
     if (source.token) references.push({ path: `sources.opa[${index}].token`, reference: source.token });
     if (source.tls?.key) references.push({ path: `sources.opa[${index}].tls.key`, reference: source.tls.key });
+  });
+  (plan.sources.postgres ?? []).forEach((source, index) => {
+    if (source.password) references.push({ path: `sources.postgres[${index}].password`, reference: source.password });
   });
   return references;
 }

@@ -44,6 +44,16 @@ export function manifestKey(plan: string, backupId: string): string {
   return `${backupFolder(plan, backupId)}/${MANIFEST_FILE}`;
 }
 
+/** Key of a PostgreSQL dump, relative to the backup folder; the database name is URI-encoded. */
+export function postgresDumpKey(source: string, database: string): string {
+  return `postgres/${source}/${encodeURIComponent(database)}.dump`;
+}
+
+/** Key of a source's roles and tablespaces from pg_dumpall --globals-only. */
+export function postgresGlobalsKey(source: string): string {
+  return `postgres/${source}/globals.sql`;
+}
+
 /** Key of an OPA bundle, relative to the backup folder. */
 export function opaArtifactKey(source: string): string {
   return `opa/${source}.tar.gz`;

@@ -49,8 +49,19 @@ export interface OpaFacts {
   bundleRevision: string;
 }
 
+/** What a PostgreSQL dump recorded, in the snapshot pg_dump read. */
+export interface PostgresFacts {
+  database?: string;
+  serverVersion: string;
+  pgDumpVersion: string;
+  /** Rows of every plain table and leaf partition, counted in the dump's snapshot. */
+  tables?: Array<{ schema: string; name: string; rows: number }>;
+}
+
+export type ArtifactKind = 'opa-bundle' | 'postgres-dump' | 'postgres-globals';
+
 export interface ArtifactRecord {
-  kind: 'opa-bundle';
+  kind: ArtifactKind;
   source: string;
   /** Object key relative to the backup's folder, such as "opa/edge-1.tar.gz". */
   key: string;
@@ -60,11 +71,11 @@ export interface ArtifactRecord {
   sha256: string;
   startedAt: string;
   completedAt: string;
-  facts: OpaFacts;
+  facts: OpaFacts | PostgresFacts;
 }
 
 export interface SourceFailure {
-  kind: 'opa';
+  kind: 'opa' | 'postgres';
   source: string;
   /** Failure type, such as "Unauthorized" or "SourceUnavailable". */
   type: string;

@@ -81,6 +81,25 @@ const opaSource = z
   })
   .strict();
 
+const postgresSource = z
+  .object({
+    name,
+    /** postgres://USER@HOST:PORT/DATABASE[?sslmode=...]; the database is the one listed from. */
+    url: z
+      .string()
+      .regex(/^postgres(ql)?:\/\/[^:@/]+@[^/]+/, 'must be a URL such as postgres://backup@db.internal:5432/postgres')
+      .refine((value) => !/^postgres(ql)?:\/\/[^@/]*:[^@/]*@/.test(value), {
+        message: 'must not contain a password; use password: env:NAME',
+      }),
+    /** Password of the URL's user. */
+    password: secretReference.optional(),
+    /** Databases to dump; all databases that accept connections, templates excluded, when absent. */
+    databases: z.array(z.string().min(1)).min(1).optional(),
+    /** Also dump roles and tablespaces with pg_dumpall --globals-only. @default true */
+    globals: z.boolean().optional(),
+  })
+  .strict();
+
 const localDestination = z
   .object({
     /** Folder that holds the backups; relative paths start at the plan file's folder. */
@@ -218,12 +237,15 @@ const settings = z
   .object({
     /** Timeouts and retries of each OPA snapshot. */
     opaSnapshot: stepSettings.optional(),
+    /** Timeouts and retries of each PostgreSQL database dump. @default attemptTimeout "2h" */
+    postgresDump: stepSettings.optional(),
   })
   .strict();
 
 const sources = z
   .object({
     opa: z.array(opaSource).optional(),
+    postgres: z.array(postgresSource).optional(),
   })
   .strict();
 
@@ -240,27 +262,30 @@ export const planSchema = z
   .strict()
   .superRefine((plan, context) => {
     const seen = new Map<string, string>();
-    const opa = plan.sources.opa ?? [];
-    opa.forEach((source, index) => {
-      const path = `sources.opa[${index}].name`;
-      const earlier = seen.get(source.name);
-      if (earlier) {
-        context.addIssue({
-          code: 'custom',
-          path: ['sources', 'opa', index, 'name'],
-          message: `duplicate source name "${source.name}" (also at ${earlier}); names must be unique because they name the stored objects`,
-        });
-      } else {
-        seen.set(source.name, path);
-      }
-    });
-    if (opa.length === 0) {
+    const kinds = { opa: plan.sources.opa ?? [], postgres: plan.sources.postgres ?? [] };
+    for (const [kind, list] of Object.entries(kinds)) {
+      list.forEach((source, index) => {
+        const path = `sources.${kind}[${index}].name`;
+        const earlier = seen.get(source.name);
+        if (earlier) {
+          context.addIssue({
+            code: 'custom',
+            path: ['sources', kind, index, 'name'],
+            message: `duplicate source name "${source.name}" (also at ${earlier}); names must be unique because they name the stored objects`,
+          });
+        } else {
+          seen.set(source.name, path);
+        }
+      });
+    }
+    if (kinds.opa.length + kinds.postgres.length === 0) {
       context.addIssue({ code: 'custom', path: ['sources'], message: 'must list at least one source' });
     }
   });
 
 export type Plan = z.infer<typeof planSchema>;
 export type OpaSource = z.infer<typeof opaSource>;
+export type PostgresSource = z.infer<typeof postgresSource>;
 export type Probe = z.infer<typeof probe>;
 export type StepSettings = z.infer<typeof stepSettings>;
 export type Destination = z.infer<typeof destination>;

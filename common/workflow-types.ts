@@ -2,7 +2,7 @@
 // Temporal's history, so they hold names, keys and digests, never secrets
 // or artifact bytes. Pure types: workflows import them.
 import type { Plan } from './plan';
-import type { SourceFailure } from './manifest';
+import type { ArtifactKind, SourceFailure } from './manifest';
 
 /**
  * Input of backupWorkflow. Give exactly one of `plan` (the plan document
@@ -15,7 +15,7 @@ export interface BackupWorkflowInput {
 
 /** Result of a source step: the artifact's key and the digests to check it. */
 export interface ArtifactReference {
-  kind: 'opa-bundle';
+  kind: ArtifactKind;
   source: string;
   /** Artifact key relative to the backup folder. */
   key: string;
@@ -32,6 +32,14 @@ export interface SnapshotOpaInput {
   plan: Plan;
   source: string;
   backupId: string;
+}
+
+export interface PostgresStepInput {
+  plan: Plan;
+  source: string;
+  backupId: string;
+  /** The database to dump; absent for the globals dump. */
+  database?: string;
 }
 
 export interface SealBackupInput {
@@ -54,7 +62,7 @@ export type SourceState = 'pending' | 'running' | 'done' | 'failed';
 export interface BackupProgress {
   backupId?: string;
   plan?: string;
-  sources: Array<{ kind: 'opa'; name: string; state: SourceState; error?: string }>;
+  sources: Array<{ kind: 'opa' | 'postgres'; name: string; state: SourceState; error?: string }>;
   sealed: boolean;
 }
 

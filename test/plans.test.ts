@@ -216,3 +216,29 @@ test('plan with a missing CA file fails the reference check', () => {
     { path: 'sources.opa[0].tls.caFile', message: 'file /nonexistent/ca.pem is missing or not readable' },
   ]);
 });
+
+test('plan with a password in a PostgreSQL url is rejected', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { postgres: [{ name: 'db', url: 'postgres://u:secret@127.0.0.1:5432/postgres' }] } },
+        'inline',
+      ),
+    /sources\.postgres\[0\]\.url: must not contain a password; use password: env:NAME/,
+  );
+});
+
+test('plan source names are unique across kinds', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        {
+          name: 'p',
+          destination: { local: { path: '/tmp/x' } },
+          sources: { opa: [{ name: 'main', url: 'http://127.0.0.1:1' }], postgres: [{ name: 'main', url: 'postgres://u@127.0.0.1:5432/postgres' }] },
+        },
+        'inline',
+      ),
+    /sources\.postgres\[0\]\.name: duplicate source name "main" \(also at sources\.opa\[0\]\.name\)/,
+  );
+});

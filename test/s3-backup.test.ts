@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { listBackups } from '../client/backups';
 import { S3BlobStore } from '../activities/storage/s3';
-import type { Manifest } from '../common/manifest';
+import type { Manifest, OpaFacts } from '../common/manifest';
 import type { Plan } from '../common/plan';
 import { startOpa, type OpaServer } from './harness/opa';
 import { runsDirectory } from './harness/process';
@@ -84,10 +84,10 @@ test('backup to S3 stores bundle and manifest under the prefix', async () => {
   try {
     const response = await fetch(`${restored.url}/v1/data/app/authz/allow`, {
       method: 'POST',
-      body: JSON.stringify({ input: artifact.facts.probes[0].input }),
+      body: JSON.stringify({ input: (artifact.facts as OpaFacts).probes[0].input }),
     });
     const body = (await response.json()) as { result?: unknown };
-    assert.equal(JSON.stringify(body.result), artifact.facts.probes[0].resultJson);
+    assert.equal(JSON.stringify(body.result), (artifact.facts as OpaFacts).probes[0].resultJson);
   } finally {
     await restored.stop();
     rmSync(folder, { recursive: true, force: true });

@@ -11,7 +11,7 @@ import {
   workflowInfo,
   type ActivityOptions,
 } from '@temporalio/workflow';
-import type * as activities from '../activities/backup';
+import type * as activities from '../activities';
 import { NON_RETRYABLE_FAILURES } from '../common/failures';
 import { makeBackupId } from '../common/layout';
 import type { SourceFailure } from '../common/manifest';
@@ -32,9 +32,9 @@ const planActivities = proxyActivities<typeof activities>({
 });
 
 /** Activity options of one step, from the plan's settings and these defaults. */
-function stepOptions(settings: StepSettings | undefined): ActivityOptions {
+function stepOptions(settings: StepSettings | undefined, defaultAttemptTimeout = '10m'): ActivityOptions {
   return {
-    startToCloseTimeout: (settings?.attemptTimeout ?? '10m') as ActivityOptions['startToCloseTimeout'],
+    startToCloseTimeout: (settings?.attemptTimeout ?? defaultAttemptTimeout) as ActivityOptions['startToCloseTimeout'],
     heartbeatTimeout: (settings?.heartbeatTimeout ?? '30s') as ActivityOptions['heartbeatTimeout'],
     retry: {
       initialInterval: (settings?.retry?.initialInterval ?? '1s') as ActivityOptions['startToCloseTimeout'],
@@ -74,31 +74,72 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   }
   progress.plan = plan.name;
   const opaSources = plan.sources.opa ?? [];
-  progress.sources = opaSources.map((source) => ({ kind: 'opa', name: source.name, state: 'pending' }));
+  const postgresSources = plan.sources.postgres ?? [];
+  progress.sources = [
+    ...opaSources.map((source) => ({ kind: 'opa' as const, name: source.name, state: 'pending' as const })),
+    ...postgresSources.map((source) => ({ kind: 'postgres' as const, name: source.name, state: 'pending' as const })),
+  ];
 
   const artifacts: ArtifactReference[] = [];
   const failures: SourceFailure[] = [];
 
-  await Promise.all(
-    opaSources.map(async (source, index) => {
-      const state = progress.sources[index];
-      state.state = 'running';
-      // A named activity id lets `describe` show which source a retry belongs to.
-      const { snapshotOpaSource } = proxyActivities<typeof activities>({
-        ...stepOptions(plan.settings?.opaSnapshot),
-        activityId: `opa-${source.name}`,
+  const opaSteps = opaSources.map(async (source, index) => {
+    const state = progress.sources[index];
+    state.state = 'running';
+    // A named activity id lets `describe` show which source a retry belongs to.
+    const { snapshotOpaSource } = proxyActivities<typeof activities>({
+      ...stepOptions(plan.settings?.opaSnapshot),
+      activityId: `opa-${source.name}`,
+    });
+    try {
+      artifacts.push(await snapshotOpaSource({ plan, source: source.name, backupId }));
+      state.state = 'done';
+    } catch (error) {
+      const { type, message } = describeFailure(error);
+      state.state = 'failed';
+      state.error = message;
+      failures.push({ kind: 'opa', source: source.name, type, message });
+    }
+  });
+
+  const postgresSteps = postgresSources.map(async (source, index) => {
+    const state = progress.sources[opaSources.length + index];
+    state.state = 'running';
+    const options = stepOptions(plan.settings?.postgresDump, '2h');
+    const failed: string[] = [];
+    const step = async (database: string | undefined): Promise<void> => {
+      const label = database === undefined ? `${source.name} (globals)` : `${source.name}/${database}`;
+      // Named activity ids let `describe` show which database a retry belongs to.
+      const { dumpPostgres } = proxyActivities<typeof activities>({
+        ...options,
+        activityId: `postgres-${source.name}-${database === undefined ? 'globals' : `db-${database}`}`,
       });
       try {
-        artifacts.push(await snapshotOpaSource({ plan, source: source.name, backupId }));
-        state.state = 'done';
+        artifacts.push(await dumpPostgres({ plan, source: source.name, backupId, database }));
       } catch (error) {
         const { type, message } = describeFailure(error);
-        state.state = 'failed';
-        state.error = message;
-        failures.push({ kind: 'opa', source: source.name, type, message });
+        failed.push(message);
+        failures.push({ kind: 'postgres', source: label, type, message });
       }
-    }),
-  );
+    };
+    let databases: string[];
+    try {
+      databases = await planActivities.listPostgresDatabases({ plan, source: source.name });
+    } catch (error) {
+      const { type, message } = describeFailure(error);
+      state.state = 'failed';
+      state.error = message;
+      failures.push({ kind: 'postgres', source: source.name, type, message });
+      return;
+    }
+    const steps: Array<Promise<void>> = databases.map((database) => step(database));
+    if (source.globals ?? true) steps.push(step(undefined));
+    await Promise.all(steps);
+    state.state = failed.length > 0 ? 'failed' : 'done';
+    if (failed.length > 0) state.error = failed.join('; ');
+  });
+
+  await Promise.all([...opaSteps, ...postgresSteps]);
 
   if (artifacts.length === 0) {
     throw ApplicationFailure.create({
