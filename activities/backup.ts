@@ -107,11 +107,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
   let phase = 'policies';
   let dataBytes = 0;
   const heartbeat = (): void => context.heartbeat({ phase, dataBytes, uploadedBytes });
-  // Heartbeat on a timer as well as on progress: one slow request (a large
-  // query on a busy OPA) must not look like a dead worker. A hung request is
-  // bounded by the request timeout instead.
-  const heartbeatTimeoutMs = context.info.heartbeatTimeoutMs ?? 30_000;
-  const ticker = setInterval(heartbeat, Math.max(100, Math.floor(heartbeatTimeoutMs / 3)));
+  const stopHeartbeat = heartbeatTimer(() => ({ phase, dataBytes, uploadedBytes }));
 
   try {
     const connection = connectOpa(source, index);
@@ -171,9 +167,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
       probes: snapshot.probes,
       bundleRevision: revision,
     };
-    const factsText = JSON.stringify(facts);
-    const factsKey = `opa/${source.name}.facts.json`;
-    await store.put(`${folder}/${factsKey}`, Readable.from([Buffer.from(factsText)]), { contentType: 'application/json' });
+    const stored = await storeFacts(store, folder, `opa/${source.name}.facts.json`, facts);
 
     const completedAt = new Date().toISOString();
     log.info({ key, size, sha256, policies: policies.length, dataBytes: snapshot.dataBytes }, 'OPA snapshot stored');
@@ -183,8 +177,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
       key,
       size,
       sha256,
-      factsKey,
-      factsSha256: createHash('sha256').update(factsText).digest('hex'),
+      ...stored,
       startedAt,
       completedAt,
     };
@@ -206,7 +199,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
       cause: error as Error,
     });
   } finally {
-    clearInterval(ticker);
+    stopHeartbeat();
     await rm(workDirectory, { recursive: true, force: true });
   }
 }
