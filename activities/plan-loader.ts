@@ -141,7 +141,7 @@ function resolvePaths(plan: Plan, baseDirectory: string): Plan {
     if (source.tls?.key?.startsWith('file:')) source.tls.key = `file:${absolute(source.tls.key.slice(5))}`;
     if (source.token?.startsWith('file:')) source.token = `file:${absolute(source.token.slice(5))}`;
   }
-  for (const source of copy.sources.postgres ?? []) {
+  for (const source of [...(copy.sources.postgres ?? []), ...(copy.sources.redis ?? [])]) {
     if (source.password?.startsWith('file:')) source.password = `file:${absolute(source.password.slice(5))}`;
   }
   return copy;
@@ -212,6 +212,9 @@ export function secretReferences(plan: Plan): Array<{ path: string; reference: s
   });
   (plan.sources.postgres ?? []).forEach((source, index) => {
     if (source.password) references.push({ path: `sources.postgres[${index}].password`, reference: source.password });
+  });
+  (plan.sources.redis ?? []).forEach((source, index) => {
+    if (source.password) references.push({ path: `sources.redis[${index}].password`, reference: source.password });
   });
   return references;
 }

@@ -54,6 +54,11 @@ export function postgresGlobalsKey(source: string): string {
   return `postgres/${source}/globals.sql`;
 }
 
+/** Key of a Redis dump: an RDB file, or the keys-mode stream documented in docs/redis-keys-format.md. */
+export function redisKey(source: string, mode: 'rdb' | 'keys'): string {
+  return `redis/${source}.${mode === 'rdb' ? 'rdb' : 'keys'}`;
+}
+
 /** Key of an OPA bundle, relative to the backup folder. */
 export function opaArtifactKey(source: string): string {
   return `opa/${source}.tar.gz`;

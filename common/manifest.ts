@@ -58,7 +58,19 @@ export interface PostgresFacts {
   tables?: Array<{ schema: string; name: string; rows: number }>;
 }
 
-export type ArtifactKind = 'opa-bundle' | 'postgres-dump' | 'postgres-globals';
+/** What a Redis dump recorded. */
+export interface RedisFacts {
+  mode: 'rdb' | 'keys';
+  redisVersion: string;
+  /** Database index to key count, from INFO keyspace when the dump started. */
+  keyspace: Record<string, number>;
+  /** Keys mode: database index to records written. */
+  records?: Record<string, number>;
+  /** Keys mode: keys that expired between SCAN and DUMP. */
+  expiredSkipped?: number;
+}
+
+export type ArtifactKind = 'opa-bundle' | 'postgres-dump' | 'postgres-globals' | 'redis-rdb' | 'redis-keys';
 
 export interface ArtifactRecord {
   kind: ArtifactKind;
@@ -71,11 +83,11 @@ export interface ArtifactRecord {
   sha256: string;
   startedAt: string;
   completedAt: string;
-  facts: OpaFacts | PostgresFacts;
+  facts: OpaFacts | PostgresFacts | RedisFacts;
 }
 
 export interface SourceFailure {
-  kind: 'opa' | 'postgres';
+  kind: 'opa' | 'postgres' | 'redis';
   source: string;
   /** Failure type, such as "Unauthorized" or "SourceUnavailable". */
   type: string;

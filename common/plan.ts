@@ -100,6 +100,23 @@ const postgresSource = z
   })
   .strict();
 
+const redisSource = z
+  .object({
+    name,
+    /** redis://[USER@]HOST[:PORT] of one server (a master or a replica). */
+    url: z
+      .string()
+      .regex(/^redis:\/\/[^/]+/, 'must be a URL such as redis://cache.internal:6379 (rediss:// is not supported yet)')
+      .refine((value) => !/^redis:\/\/[^@/]*:[^@/]*@/.test(value), { message: 'must not contain a password; use password: env:NAME' }),
+    password: secretReference.optional(),
+    /**
+     * "rdb": a point-in-time RDB snapshot over the replication protocol.
+     * "keys": SCAN + DUMP + PTTL, for servers that refuse SYNC; not point-in-time. @default "rdb"
+     */
+    mode: z.enum(['rdb', 'keys']).optional(),
+  })
+  .strict();
+
 const localDestination = z
   .object({
     /** Folder that holds the backups; relative paths start at the plan file's folder. */
@@ -239,6 +256,8 @@ const settings = z
     opaSnapshot: stepSettings.optional(),
     /** Timeouts and retries of each PostgreSQL database dump. @default attemptTimeout "2h" */
     postgresDump: stepSettings.optional(),
+    /** Timeouts and retries of each Redis dump. @default attemptTimeout "2h" */
+    redisDump: stepSettings.optional(),
   })
   .strict();
 
@@ -246,6 +265,7 @@ const sources = z
   .object({
     opa: z.array(opaSource).optional(),
     postgres: z.array(postgresSource).optional(),
+    redis: z.array(redisSource).optional(),
   })
   .strict();
 
@@ -262,7 +282,7 @@ export const planSchema = z
   .strict()
   .superRefine((plan, context) => {
     const seen = new Map<string, string>();
-    const kinds = { opa: plan.sources.opa ?? [], postgres: plan.sources.postgres ?? [] };
+    const kinds = { opa: plan.sources.opa ?? [], postgres: plan.sources.postgres ?? [], redis: plan.sources.redis ?? [] };
     for (const [kind, list] of Object.entries(kinds)) {
       list.forEach((source, index) => {
         const path = `sources.${kind}[${index}].name`;
@@ -278,7 +298,7 @@ export const planSchema = z
         }
       });
     }
-    if (kinds.opa.length + kinds.postgres.length === 0) {
+    if (kinds.opa.length + kinds.postgres.length + kinds.redis.length === 0) {
       context.addIssue({ code: 'custom', path: ['sources'], message: 'must list at least one source' });
     }
   });
@@ -286,6 +306,7 @@ export const planSchema = z
 export type Plan = z.infer<typeof planSchema>;
 export type OpaSource = z.infer<typeof opaSource>;
 export type PostgresSource = z.infer<typeof postgresSource>;
+export type RedisSource = z.infer<typeof redisSource>;
 export type Probe = z.infer<typeof probe>;
 export type StepSettings = z.infer<typeof stepSettings>;
 export type Destination = z.infer<typeof destination>;

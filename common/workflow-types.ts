@@ -62,7 +62,7 @@ export type SourceState = 'pending' | 'running' | 'done' | 'failed';
 export interface BackupProgress {
   backupId?: string;
   plan?: string;
-  sources: Array<{ kind: 'opa' | 'postgres'; name: string; state: SourceState; error?: string }>;
+  sources: Array<{ kind: 'opa' | 'postgres' | 'redis'; name: string; state: SourceState; error?: string }>;
   sealed: boolean;
 }
 

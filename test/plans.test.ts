@@ -242,3 +242,14 @@ test('plan source names are unique across kinds', () => {
     /sources\.postgres\[0\]\.name: duplicate source name "main" \(also at sources\.opa\[0\]\.name\)/,
   );
 });
+
+test('plan with an unknown Redis mode is rejected', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { redis: [{ name: 'cache', url: 'redis://127.0.0.1:6379', mode: 'aof' }] } },
+        'inline',
+      ),
+    /sources\.redis\[0\]\.mode: /,
+  );
+});

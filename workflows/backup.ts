@@ -75,9 +75,11 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   progress.plan = plan.name;
   const opaSources = plan.sources.opa ?? [];
   const postgresSources = plan.sources.postgres ?? [];
+  const redisSources = plan.sources.redis ?? [];
   progress.sources = [
     ...opaSources.map((source) => ({ kind: 'opa' as const, name: source.name, state: 'pending' as const })),
     ...postgresSources.map((source) => ({ kind: 'postgres' as const, name: source.name, state: 'pending' as const })),
+    ...redisSources.map((source) => ({ kind: 'redis' as const, name: source.name, state: 'pending' as const })),
   ];
 
   const artifacts: ArtifactReference[] = [];
@@ -139,7 +141,25 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     if (failed.length > 0) state.error = failed.join('; ');
   });
 
-  await Promise.all([...opaSteps, ...postgresSteps]);
+  const redisSteps = redisSources.map(async (source, index) => {
+    const state = progress.sources[opaSources.length + postgresSources.length + index];
+    state.state = 'running';
+    const { dumpRedisSource } = proxyActivities<typeof activities>({
+      ...stepOptions(plan.settings?.redisDump, '2h'),
+      activityId: `redis-${source.name}`,
+    });
+    try {
+      artifacts.push(await dumpRedisSource({ plan, source: source.name, backupId }));
+      state.state = 'done';
+    } catch (error) {
+      const { type, message } = describeFailure(error);
+      state.state = 'failed';
+      state.error = message;
+      failures.push({ kind: 'redis', source: source.name, type, message });
+    }
+  });
+
+  await Promise.all([...opaSteps, ...postgresSteps, ...redisSteps]);
 
   if (artifacts.length === 0) {
     throw ApplicationFailure.create({
