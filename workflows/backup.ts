@@ -1,6 +1,9 @@
-// backupWorkflow: load the plan, run one snapshot activity per source, each
-// with its own timeouts and retries, then seal the backup with its manifest.
-// Workflow code is replayed: it must stay deterministic, so it imports only
+// backupWorkflow: load the plan, then back up every source in parallel: one
+// activity per OPA instance, per PostgreSQL database and per Redis server,
+// each with its own timeouts and retries. Then seal the backup with its
+// manifest. Workflow code is replayed: it must stay deterministic, so it
+// imports only types of activities and pure helpers.
+imports only
 // types of activities and pure helpers.
 import {
   ActivityFailure,
@@ -47,7 +50,7 @@ function stepOptions(settings: StepSettings | undefined, defaultAttemptTimeout =
   };
 }
 
-/** Returns the innermost failure's type and message, which say what to fix. */
+/** Returns the innermost failure's type and message, which name what to fix. */
 function describeFailure(error: unknown): { type: string; message: string } {
   let current: unknown = error;
   if (current instanceof ActivityFailure && current.cause) current = current.cause;
