@@ -343,9 +343,9 @@ test('concurrent insert is not counted', async () => {
   let settled = false;
 
   // Rows committed at three points after the snapshot was exported: before
-  // the first count, between the counts and the start of pg_dump, and while
-  // pg_dump runs. onProgress is synchronous, so the first two inserts run
-  // with execFileSync and commit before dumpDatabase goes on.
+  // the first count, after the counting started but before pg_dump starts,
+  // and while pg_dump runs. onProgress is synchronous, so the first two
+  // inserts run with execFileSync and commit before dumpDatabase goes on.
   const insertNow = (sql: string): void => {
     execFileSync(tool('psql'), ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', 'entitlements_concurrent', '-c', sql], {
       env: server.clientEnvironment,

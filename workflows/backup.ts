@@ -3,8 +3,6 @@
 // each with its own timeouts and retries. Then seal the backup with its
 // manifest. Workflow code is replayed: it must stay deterministic, so it
 // imports only types of activities and pure helpers.
-imports only
-// types of activities and pure helpers.
 import {
   ActivityFailure,
   ApplicationFailure,

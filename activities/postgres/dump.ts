@@ -3,9 +3,9 @@
 // the same snapshot that pg_dump reads.
 //
 // One connection exports a snapshot (pg_export_snapshot() in a REPEATABLE READ
-// READ ONLY transaction), counts rows in it, and stays open while
-// `pg_dump --snapshot` runs, because an exported snapshot can be imported only
-// while the exporting transaction is open. The counts therefore describe the
+// READ ONLY transaction) and counts rows in it while `pg_dump --snapshot`
+// runs. It stays open until pg_dump ends, because an exported snapshot can be
+// imported only while the exporting transaction is open. The counts therefore describe the
 // archive exactly, even while other sessions write.
 //
 // pg_dump connects with PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE in
@@ -21,7 +21,10 @@ import type { BlobStore } from '../storage/blob-store';
 export interface DumpProgress {
   /** Bytes of the archive stored so far. */
   bytes: number;
-  /** `connect`, `count` (counting rows in the snapshot) or `dump` (pg_dump runs). */
+  /**
+   * `connect`, `count` (the snapshot is exported and counting rows in it
+   * starts) or `dump` (pg_dump runs while the counting goes on).
+   */
   phase: string;
 }
 
@@ -210,8 +213,43 @@ function toolPath(name: string, directory: string | undefined): string {
   return directory ? path.join(directory, name) : name;
 }
 
-/** Runs `TOOL --version` and returns the version text and major version (15 for "15.10", 9 for "9.6.24"). */
-async function readToolVersion(binary: string, name: string, description: string): Promise<{ text: string; major: number }> {
+interface ToolVersion {
+  text: string;
+  major: number;
+}
+
+/**
+ * Versions read with `TOOL --version`, by binary path, kept for the life of
+ * the process. A failed read is removed, so the next dump tries again.
+ * NOTE: a binary replaced at the same path while the process runs keeps the
+ * version of the binary it replaced.
+ */
+const toolVersions = new Map<string, Promise<ToolVersion>>();
+
+/**
+ * Returns the version text and major version (15 for "15.10", 9 for "9.6.24")
+ * of a tool, running `TOOL --version` only on the first call for `binary`.
+ */
+async function readToolVersion(binary: string, name: string, description: string): Promise<ToolVersion> {
+  let version = toolVersions.get(binary);
+  if (version === undefined) {
+    const started = runToolVersion(binary, name);
+    version = started;
+    toolVersions.set(binary, started);
+    started.catch(() => {
+      if (toolVersions.get(binary) === started) toolVersions.delete(binary);
+    });
+  }
+  try {
+    return await version;
+  } catch (error) {
+    // The error of a shared read does not name the dump, so each caller adds its own description.
+    throw new Error(`${description} failed: ${(error as Error).message}`, { cause: (error as Error).cause });
+  }
+}
+
+/** Runs `TOOL --version` and parses its output. */
+async function runToolVersion(binary: string, name: string): Promise<ToolVersion> {
   const output = await new Promise<string>((resolve, reject) => {
     const child = spawn(binary, ['--version'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const chunks: Buffer[] = [];
@@ -219,19 +257,22 @@ async function readToolVersion(binary: string, name: string, description: string
     child.stderr.resume();
     child.once('error', (error) =>
       reject(
-        new Error(
-          `${description} failed: cannot run ${binary} --version: ${error.message}; install the PostgreSQL client tools or set pgBinDirectory`,
-        ),
+        new Error(`cannot run ${binary} --version: ${error.message}; install the PostgreSQL client tools or set pgBinDirectory`, {
+          cause: error,
+        }),
       ),
     );
     child.once('close', (code, signal) => {
-      if (code === 0) resolve(Buffer.concat(chunks).toString('utf8').trim());
+      if (code === 0) {
+        resolve(Buffer.concat(chunks).toString('utf8').trim());
+        return;
+      }
       const status = signal ? `was killed by ${signal}` : `exited with status ${code}`;
-      reject(new Error(`${description} failed: ${binary} --version ${status}`));
+      reject(new Error(`${binary} --version ${status}`));
     });
   });
   const match = /^\S+ \(PostgreSQL\) ((\d+)\S*.*)$/m.exec(output);
-  if (!match) throw new Error(`${description} failed: cannot read the version of ${name} from "${output}"`);
+  if (!match) throw new Error(`cannot read the version of ${name} from "${output}"`);
   return { text: match[1], major: Number(match[2]) };
 }
 
@@ -241,7 +282,7 @@ async function readToolVersion(binary: string, name: string, description: string
  */
 function checkToolVersion(
   name: string,
-  tool: { text: string; major: number },
+  tool: ToolVersion,
   server: { text: string; number: number },
   source: string,
 ): void {
@@ -273,14 +314,24 @@ interface StreamToolOptions {
   onProgress?(progress: DumpProgress): void;
   /** Start of every error message, such as `dump of PostgreSQL source "x" database "y"`. */
   description: string;
-  /** Called after the tool exited with status 0; an error it returns fails the put instead of completing it. */
+  /**
+   * Work that runs while the tool runs. The put completes only after it
+   * resolved; when it rejects, the tool is killed and the put fails with its
+   * error.
+   */
+  alongside?: Promise<unknown>;
+  /**
+   * Called after the tool exited with status 0 and `alongside` resolved; an
+   * error it returns fails the put instead of completing it.
+   */
   checkBeforeCommit?(): Error | undefined;
 }
 
 /**
  * Runs a tool whose stdout streams through a SHA-256 digest into
- * store.put(key). The put completes only after the tool exited with status 0:
- * a non-zero status or a signal destroys the stream with PgDumpFailedError, so
+ * store.put(key). The put completes only after the tool exited with status 0
+ * and `alongside` resolved: a non-zero status or a signal destroys the stream
+ * with PgDumpFailedError, and a rejection of `alongside` with its error, so
  * the store leaves nothing at `key`.
  */
 async function streamToolOutput(options: StreamToolOptions): Promise<{ size: number; sha256: string; warnings: string[] }> {
@@ -308,12 +359,23 @@ async function streamToolOutput(options: StreamToolOptions): Promise<{ size: num
     hasher.destroy(failure);
   };
   child.once('error', (error) => fail(new Error(`${description} failed: cannot run ${options.binary}: ${error.message}`)));
+
+  const alongside = options.alongside ?? Promise.resolve();
+  alongside.catch((error: unknown) => {
+    child.kill('SIGKILL');
+    fail(error as Error);
+  });
+
   child.once('close', (code, exitSignal) => {
     if (hasher.destroyed) return;
     if (code === 0) {
-      const error = options.checkBeforeCommit?.();
-      if (error) fail(error);
-      else hasher.end();
+      // The rejection of `alongside` is handled above.
+      alongside.then(() => {
+        if (hasher.destroyed) return;
+        const error = options.checkBeforeCommit?.();
+        if (error) fail(error);
+        else hasher.end();
+      }, () => {});
       return;
     }
     const text = stderr.toString('utf8').trim();
@@ -377,22 +439,24 @@ const TABLES_QUERY = `
     )
   ORDER BY n.nspname COLLATE "C", c.relname COLLATE "C"`;
 
+interface RowCounts {
+  counted: TableRowCount[];
+  failed: Array<{ table: TableToCount; message: string }>;
+}
+
 /**
  * Counts the rows of every table in the open transaction. A table whose count
  * fails (no SELECT privilege, a row-level security policy) is returned in
  * `failed` instead of failing the dump, so pg_dump reports the problem in its
- * own words when it cannot read the table either.
+ * own words when it cannot read the table either. Aborting `signal` stops the
+ * counting before the next table, and rejects with the signal's reason.
  */
-async function countRows(
-  client: Client,
-  signal: AbortSignal | undefined,
-  onTable: () => void,
-): Promise<{ counted: TableRowCount[]; failed: Array<{ table: TableToCount; message: string }> }> {
+async function countRows(client: Client, signal: AbortSignal): Promise<RowCounts> {
   const tables = (await client.query<TableToCount>(TABLES_QUERY)).rows;
   const counted: TableRowCount[] = [];
   const failed: Array<{ table: TableToCount; message: string }> = [];
   for (const table of tables) {
-    onTable();
+    signal.throwIfAborted();
     const qualified = `${client.escapeIdentifier(table.schema)}.${client.escapeIdentifier(table.name)}`;
     // A failed statement aborts the whole transaction; the savepoint keeps
     // the transaction, and so the exported snapshot, usable.
@@ -403,7 +467,7 @@ async function countRows(
       await client.query('RELEASE SAVEPOINT count_rows');
       counted.push({ schema: table.schema, name: table.name, rows: Number(result.rows[0].rows) });
     } catch (error) {
-      if (signal?.aborted) throw error;
+      if (signal.aborted) throw error;
       await client.query('ROLLBACK TO SAVEPOINT count_rows');
       failed.push({ table, message: (error as Error).message });
     }
@@ -465,7 +529,6 @@ export async function dumpDatabase(options: DumpDatabaseOptions): Promise<DumpDa
   const pgDumpVersion = await readToolVersion(pgDump, 'pg_dump', description);
   options.onProgress?.({ bytes: 0, phase: 'connect' });
   const { client, serverVersion, backendPid } = await connect(config, description);
-  const cancelCount = (): void => void cancelBackend(config, backendPid);
   let inTransaction = false;
   try {
     if (signal?.aborted) throw abortError(signal, description);
@@ -486,46 +549,75 @@ export async function dumpDatabase(options: DumpDatabaseOptions): Promise<DumpDa
     await client.query('SET LOCAL row_security = off');
     const snapshot = (await client.query<{ snapshot: string }>('SELECT pg_export_snapshot() AS snapshot')).rows[0].snapshot;
 
+    // The rows are counted while pg_dump runs, on this connection, which would
+    // otherwise sit idle holding the snapshot open. Both finish before the
+    // result is returned or the transaction ends.
+    const stopCount = new AbortController();
+    const cancelCount = (): void => {
+      if (stopCount.signal.aborted) return;
+      stopCount.abort();
+      void cancelBackend(config, backendPid);
+    };
     signal?.addEventListener('abort', cancelCount, { once: true });
-    let counts: Awaited<ReturnType<typeof countRows>>;
+    options.onProgress?.({ bytes: 0, phase: 'count' });
+    let counts: RowCounts | undefined;
+    const counting = countRows(client, stopCount.signal).then(
+      (result) => {
+        counts = result;
+      },
+      (error: unknown) => {
+        if (signal?.aborted) throw abortError(signal, description);
+        throw new Error(`${description} failed: cannot count rows: ${(error as Error).message}`, { cause: error });
+      },
+    );
+    // streamToolOutput and the catch below report the rejection; this keeps it
+    // from counting as unhandled in the meantime.
+    counting.catch(() => {});
+
+    let stored: Awaited<ReturnType<typeof streamToolOutput>>;
     try {
-      counts = await countRows(client, signal, () => options.onProgress?.({ bytes: 0, phase: 'count' }));
+      options.onProgress?.({ bytes: 0, phase: 'dump' });
+      stored = await streamToolOutput({
+        binary: pgDump,
+        name: 'pg_dump',
+        args: ['--format=custom', `--snapshot=${snapshot}`, '--no-password'],
+        environment: toolEnvironment(target, database),
+        store: options.store,
+        key: options.key,
+        signal,
+        onProgress: options.onProgress,
+        description,
+        alongside: counting,
+        // NOTE: no test reaches this check. pg_dump reads every table counted
+        // here, so it normally fails on the same table first.
+        checkBeforeCommit: () => {
+          // counts is set, because this runs only after `counting` resolved.
+          const { failed } = counts!;
+          if (failed.length === 0) return undefined;
+          const { table, message } = failed[0];
+          return new Error(
+            `${description} failed: pg_dump succeeded but the rows of ${client.escapeIdentifier(table.schema)}.${client.escapeIdentifier(table.name)} could not be counted: ${message}`,
+          );
+        },
+      });
     } catch (error) {
-      if (signal?.aborted) throw abortError(signal, description);
-      throw new Error(`${description} failed: cannot count rows: ${(error as Error).message}`, { cause: error });
+      // pg_dump failed or was cancelled, or the counting failed: stop the
+      // counting and wait for it, so that the ROLLBACK below does not queue
+      // behind a count.
+      cancelCount();
+      await counting.catch(() => {});
+      throw error;
     } finally {
       signal?.removeEventListener('abort', cancelCount);
     }
-    if (signal?.aborted) throw abortError(signal, description);
-
-    options.onProgress?.({ bytes: 0, phase: 'dump' });
-    const stored = await streamToolOutput({
-      binary: pgDump,
-      name: 'pg_dump',
-      args: ['--format=custom', `--snapshot=${snapshot}`, '--no-password'],
-      environment: toolEnvironment(target, database),
-      store: options.store,
-      key: options.key,
-      signal,
-      onProgress: options.onProgress,
-      description,
-      // NOTE: no test reaches this check. pg_dump reads every table counted
-      // here, so it normally fails on the same table first.
-      checkBeforeCommit: () => {
-        if (counts.failed.length === 0) return undefined;
-        const { table, message } = counts.failed[0];
-        return new Error(
-          `${description} failed: pg_dump succeeded but the rows of ${client.escapeIdentifier(table.schema)}.${client.escapeIdentifier(table.name)} could not be counted: ${message}`,
-        );
-      },
-    });
+    await counting;
 
     return {
       size: stored.size,
       sha256: stored.sha256,
       serverVersion: serverVersion.text,
       pgDumpVersion: pgDumpVersion.text,
-      tables: counts.counted,
+      tables: counts!.counted,
       snapshot,
       warnings: stored.warnings,
     };
