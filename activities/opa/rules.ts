@@ -61,6 +61,10 @@ export function rulePath(packagePath: string[], rule: AstRule): string[] | undef
     if (index === 0 && term.type === 'var') path.push(String(term.value));
     else if (term.type === 'string') path.push(String(term.value));
     else break;
+    // NOTE: for `t[1] := 2` (a number, boolean or null key) the path stops
+    // at t, so base documents OPA merges beside the rule (t.x) are not read:
+    // a `with` modifier cannot target t[1] alone ("bad document path"), and
+    // reading t would evaluate the rule.
   }
   return path;
 }
@@ -72,6 +76,10 @@ export function ruleTree(modules: PolicyModule[]): PathNode {
     const terms = module.ast?.package?.path ?? [];
     // The first term is the `data` variable.
     const packagePath = terms.slice(1).map((term) => String(term.value));
+    // A package that holds only functions still appears in data as an
+    // empty object; as a prefix it is read and left out when empty.
+    let packageNode = root;
+    for (const segment of packagePath) packageNode = packageNode.child(segment);
     for (const rule of module.ast?.rules ?? []) {
       const path = rulePath(packagePath, rule);
       if (!path || path.length === 0) continue;

@@ -335,6 +335,20 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
     await handle.close();
   }
 
+  // The `with` modifiers cover the rules listed at the start. A policy
+  // pushed since then could have been evaluated and its values read as
+  // base documents, so a changed policy set fails this attempt; the retry
+  // starts over.
+  const { body: after } = await opaJson<{ result?: PolicyModule[] }>(connection, 'GET', 'v1/policies', { signal });
+  const fingerprint = (list: PolicyModule[]): string =>
+    JSON.stringify(list.map((module) => [module.id, module.raw]).sort());
+  if (fingerprint(after.result ?? []) !== fingerprint(modules)) {
+    throw ApplicationFailure.create({
+      type: FailureType.SourceUnavailable,
+      message: `snapshot of OPA "${connection.source}" failed: its policies changed while the snapshot was taken; the snapshot is taken again`,
+    });
+  }
+
   report('probes');
   const probes: RecordedProbe[] = [];
   for (const probe of options.probes) probes.push(await recordProbe(connection, probe, signal));

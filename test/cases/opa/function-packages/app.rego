@@ -1,0 +1,3 @@
+package cfg.app
+
+twice := 2 * data.cfg.x
