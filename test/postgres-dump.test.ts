@@ -433,6 +433,55 @@ test('cancel kills pg_dump and rolls back', async () => {
   });
 });
 
+test('count failure during dump stores nothing', async () => {
+  // A lock held from before the dump blocks both the count of iam.users and
+  // pg_dump's lock on it. Terminating the exporting session then fails the
+  // count while pg_dump still runs.
+  await createCaseDatabase('entitlements_count_failure');
+  const key = 'count-failure/entitlements.dump';
+  const locker = await server.connect('entitlements_count_failure');
+  try {
+    await locker.query('BEGIN');
+    await locker.query('LOCK TABLE iam.users IN ACCESS EXCLUSIVE MODE');
+
+    const dump = dumpDatabase({
+      url: server.url,
+      password: server.password,
+      database: 'entitlements_count_failure',
+      source: 'count-failure-db',
+      store,
+      key,
+      pgBinDirectory,
+    });
+    const outcome = dump.then(
+      () => assert.fail('the dump succeeded although its count failed'),
+      (caught: unknown) => caught as Error,
+    );
+
+    let countingPid = 0;
+    await withDatabase('postgres', async (monitor) => {
+      await waitFor('the count of iam.users and pg_dump to wait for the lock', async () => {
+        const waiting = await monitor.query<{ pid: number; query: string }>(
+          `SELECT pid, query FROM pg_stat_activity
+           WHERE datname = 'entitlements_count_failure' AND wait_event_type = 'Lock'`,
+        );
+        const count = waiting.rows.find((row) => row.query.includes('count(*)'));
+        if (count) countingPid = count.pid;
+        return count !== undefined && waiting.rows.length === 2 && pgDumpProcesses().length === 1;
+      });
+      await monitor.query('SELECT pg_terminate_backend($1)', [countingPid]);
+    });
+
+    const error = await outcome;
+    assert.match(error.message, /^dump of PostgreSQL source "count-failure-db" database "entitlements_count_failure" failed: cannot count rows: /);
+    assert.deepEqual(pgDumpProcesses(), [], 'pg_dump still runs after the count failed');
+    assert.equal(await store.stat(key), undefined);
+    assert.deepEqual(entriesBeside(key), []);
+  } finally {
+    await locker.end();
+  }
+});
+
 test('old pg_dump is rejected before dumping', async () => {
   // A stand-in pg_dump that reports version 14 and records any other call.
   const binDirectory = path.join(folder, 'old-bin');
