@@ -79,7 +79,7 @@ export async function loadPlan(input: BackupWorkflowInput): Promise<Plan> {
 
 /**
  * Snapshots one OPA source into a bundle in the blob store. A retry starts
- * from the beginning and overwrites the same keys; the blob store never shows
+ * from the beginning and overwrites the same keys. The blob store never shows
  * a half-written object, and nothing counts as a backup before the manifest.
  */
 export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<ArtifactReference> {
@@ -167,20 +167,18 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
       probes: snapshot.probes,
       bundleRevision: revision,
     };
-    const stored = await storeFacts(store, folder, `opa/${source.name}.facts.json`, facts);
-
-    const completedAt = new Date().toISOString();
-    log.info({ key, size, sha256, policies: policies.length, dataBytes: snapshot.dataBytes }, 'OPA snapshot stored');
-    return {
+    const reference = await artifactReference({
+      store,
+      folder,
       kind: 'opa-bundle',
       source: source.name,
       key,
-      size,
-      sha256,
-      ...stored,
+      stored: { size, sha256 },
+      facts,
       startedAt,
-      completedAt,
-    };
+    });
+    log.info({ key, size, sha256, policies: policies.length, dataBytes: snapshot.dataBytes }, 'OPA snapshot stored');
+    return reference;
   } catch (error) {
     log.warn({ error: (error as Error).message, attempt: context.info.attempt }, 'OPA snapshot failed');
     if (error instanceof ApplicationFailure || (error as Error).name === 'AbortError') throw error;
@@ -206,17 +204,35 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
 
 /**
  * Stores a step's facts as a small JSON object beside its artifact and
- * returns its key and digest; sealBackup moves the content into the manifest.
+ * returns the step's result: the artifact's key and digests. sealBackup
+ * later moves the facts into the manifest.
  */
-export async function storeFacts(
-  store: ReturnType<typeof openBlobStore>,
-  folder: string,
-  factsKey: string,
-  facts: unknown,
-): Promise<{ factsKey: string; factsSha256: string }> {
-  const text = JSON.stringify(facts);
-  await store.put(`${folder}/${factsKey}`, Readable.from([Buffer.from(text)]), { contentType: 'application/json' });
-  return { factsKey, factsSha256: createHash('sha256').update(text).digest('hex') };
+export async function artifactReference(options: {
+  store: ReturnType<typeof openBlobStore>;
+  folder: string;
+  kind: ArtifactReference['kind'];
+  source: string;
+  key: string;
+  stored: { size: number; sha256: string };
+  facts: unknown;
+  startedAt: string;
+}): Promise<ArtifactReference> {
+  const factsKey = `${options.key}.facts.json`;
+  const text = JSON.stringify(options.facts);
+  await options.store.put(`${options.folder}/${factsKey}`, Readable.from([Buffer.from(text)]), {
+    contentType: 'application/json',
+  });
+  return {
+    kind: options.kind,
+    source: options.source,
+    key: options.key,
+    size: options.stored.size,
+    sha256: options.stored.sha256,
+    factsKey,
+    factsSha256: createHash('sha256').update(text).digest('hex'),
+    startedAt: options.startedAt,
+    completedAt: new Date().toISOString(),
+  };
 }
 
 /**

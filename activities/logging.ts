@@ -12,7 +12,7 @@ export const logger = pino({
   serializers: { error: pino.stdSerializers.err, err: pino.stdSerializers.err },
 });
 
-/** A child logger for the current activity, carrying its workflow and activity ids. */
+/** Returns a child logger for the current activity, carrying its workflow and activity ids. */
 export function activityLogger(fields: Record<string, string>): pino.Logger {
   let workflow: Record<string, string | number> = {};
   try {

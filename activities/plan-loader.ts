@@ -38,7 +38,7 @@ export function formatFieldPath(segments: ReadonlyArray<PropertyKey>): string {
 
 let knownFieldNames: string[] | undefined;
 
-/** Every property name the plan schema accepts, for spelling suggestions. */
+/** Returns every property name the plan schema accepts, for spelling suggestions. */
 function allFieldNames(): string[] {
   if (knownFieldNames) return knownFieldNames;
   const names = new Set<string>();
@@ -203,7 +203,7 @@ export function relativePathIssues(plan: Plan): PlanIssue[] {
   return issues;
 }
 
-/** Every secret reference in a plan, with the field that holds it. */
+/** Lists every secret reference in a plan, with the field that contains it. */
 export function secretReferences(plan: Plan): Array<{ path: string; reference: string }> {
   const references: Array<{ path: string; reference: string }> = [];
   (plan.sources.opa ?? []).forEach((source, index) => {

@@ -13,6 +13,7 @@ import {
   type ActivityOptions,
 } from '@temporalio/workflow';
 import type * as activities from '../activities';
+import { compareStrings } from '../common/compare';
 import { NON_RETRYABLE_FAILURES } from '../common/failures';
 import { makeBackupId } from '../common/layout';
 import type { SourceFailure } from '../common/manifest';
@@ -173,8 +174,8 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   }
 
   // A stable order makes manifests of equal backups compare equal.
-  artifacts.sort((a, b) => (a.key < b.key ? -1 : 1));
-  failures.sort((a, b) => (a.source < b.source ? -1 : 1));
+  artifacts.sort((a, b) => compareStrings(a.key, b.key));
+  failures.sort((a, b) => compareStrings(a.source, b.source));
 
   const sealed = await planActivities.sealBackup({
     plan,

@@ -29,7 +29,7 @@ export interface BundleStream {
   dataSha256: Promise<string>;
 }
 
-/** The bundle's .manifest document. */
+/** Builds the bundle's .manifest document. */
 export function bundleManifest(
   contents: Pick<BundleContents, 'revision' | 'regoVersion' | 'metadata' | 'modules' | 'policies'>,
 ): Record<string, unknown> {

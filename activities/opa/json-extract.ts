@@ -309,7 +309,7 @@ export class JsonValueExtractor {
     throw new JsonShapeError(`unexpected byte "${String.fromCharCode(byte)}" where a JSON value was expected`);
   }
 
-  /** A skipped value ended: the enclosing frame waits for "," or its closing bracket. */
+  /** Marks a skipped value as ended, so the enclosing frame expects "," or its closing bracket. */
   private valueEnded(): void {
     this.mode = 'navigate';
     const frame = this.stack[this.stack.length - 1];

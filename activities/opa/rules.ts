@@ -62,8 +62,8 @@ export function rulePath(packagePath: string[], rule: AstRule): string[] | undef
     else if (term.type === 'string') path.push(String(term.value));
     else break;
     // NOTE: for `t[1] := 2` (a number, boolean or null key) the path stops
-    // at t, so base documents OPA merges beside the rule (t.x) are not read:
-    // a `with` modifier cannot target t[1] alone ("bad document path"), and
+    // at t, so base documents OPA merges beside the rule (t.x) are not read.
+    // A `with` modifier cannot target t[1] alone ("bad document path"), and
     // reading t would evaluate the rule.
   }
   return path;

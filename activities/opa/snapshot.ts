@@ -6,12 +6,13 @@
 // rule paths from the policy ASTs, lists the base-document keys of every
 // prefix of a rule path in one query whose `with` modifiers replace every rule
 // by a constant (so no user-written rule runs), and then reads each subtree
-// that holds no rule with a plain query such as x := data["app"]["users"].
+// that contains no rule with a plain query such as x := data["app"]["users"].
 // Those values stream into data.json byte for byte, which keeps numbers
 // exactly as OPA stored them.
 import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { ApplicationFailure } from '@temporalio/common';
+import { compareStrings } from '../../common/compare';
 import { FailureType } from '../../common/failures';
 import type { PolicyRecord, RecordedProbe } from '../../common/manifest';
 import type { Probe } from '../../common/plan';
@@ -148,7 +149,7 @@ interface Level {
   baseKeys: string[];
 }
 
-/** Each prefix of a rule path, and data.system, which a read of data never shows. */
+/** Lists each prefix of a rule path, and data.system, which a read of data never shows. */
 function prefixLevels(root: PathNode): Level[] {
   const levels: Level[] = [];
   const visit = (node: PathNode, path: string[]): void => {
@@ -165,7 +166,7 @@ const levelId = (path: readonly string[]): string => JSON.stringify(path);
 /**
  * Lists the base-document keys of every level in one query. Any query with a
  * `with` modifier on data makes OPA convert the base documents it reads into
- * its internal form, which costs about as much as serialising them; one
+ * its internal form, which costs about as much as serialising them. One
  * query for all levels pays that once, where one query per level would pay
  * it again at every level.
  */
@@ -182,8 +183,9 @@ async function listBaseKeys(connection: OpaConnection, root: PathNode, levels: L
 }
 
 /**
- * Levels with more base keys than this are read with one rule-replacing
- * query instead of one plain read per key; a plain read costs about 1 ms.
+ * Maximum base keys of a level read one by one. A larger level is read with
+ * one rule-replacing query, because a plain read costs about 1 ms (measured
+ * on OPA 1.22.4 on loopback).
  */
 const MAX_PLAIN_READS_PER_LEVEL = 256;
 
@@ -227,7 +229,7 @@ async function writeBaseDocuments(
 
   const prefixes = [...node.children].filter(([, child]) => !child.rule);
   if (path.length === 0 && !node.children.has('system')) prefixes.push(['system', new PathNode()]);
-  prefixes.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  prefixes.sort(([a], [b]) => compareStrings(a, b));
   for (const [key, child] of prefixes) {
     const mark = writer.position;
     await writer.write(`${hasMembers ? ',' : ''}${JSON.stringify(key)}:`);
@@ -296,7 +298,7 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
   }
   // OPA lists policies in no fixed order; sorting keeps bundles of an
   // unchanged OPA identical.
-  const modules = [...policies.result].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  const modules = [...policies.result].sort((a, b) => compareStrings(a.id, b.id));
   const tree = ruleTree(modules);
   const regoVersion = await detectRegoVersion(connection, signal);
   const opaVersion = await queryValue<string>(connection, 'x := opa.runtime().version', signal);
@@ -337,8 +339,8 @@ export async function snapshotOpa(connection: OpaConnection, options: SnapshotOp
 
   // The `with` modifiers cover the rules listed at the start. A policy
   // pushed since then could have been evaluated and its values read as
-  // base documents, so a changed policy set fails this attempt; the retry
-  // starts over.
+  // base documents, so a changed policy set fails this attempt and the
+  // retry starts over.
   const { body: after } = await opaJson<{ result?: PolicyModule[] }>(connection, 'GET', 'v1/policies', { signal });
   const fingerprint = (list: PolicyModule[]): string =>
     JSON.stringify(list.map((module) => [module.id, module.raw]).sort());

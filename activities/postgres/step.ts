@@ -9,7 +9,7 @@ import { backupFolder, postgresDumpKey, postgresGlobalsKey } from '../../common/
 import type { PostgresFacts } from '../../common/manifest';
 import type { Plan, PostgresSource } from '../../common/plan';
 import type { ArtifactReference, PostgresStepInput } from '../../common/workflow-types';
-import { heartbeatTimer, storeFacts } from '../backup';
+import { artifactReference, heartbeatTimer } from '../backup';
 import { activityLogger } from '../logging';
 import { resolveSecret } from '../secrets';
 import { openBlobStore } from '../storage';
@@ -108,18 +108,10 @@ export async function dumpPostgres(input: PostgresStepInput): Promise<ArtifactRe
       result = dump;
       facts = { database, serverVersion: dump.serverVersion, pgDumpVersion: dump.pgDumpVersion, tables: dump.tables };
     }
-    const stored = await storeFacts(store, folder, `${key}.facts.json`, facts);
+    const kind = database === undefined ? 'postgres-globals' : 'postgres-dump';
+    const reference = await artifactReference({ store, folder, kind, source: source.name, key, stored: result, facts, startedAt });
     log.info({ key, size: result.size, sha256: result.sha256 }, 'PostgreSQL dump stored');
-    return {
-      kind: database === undefined ? 'postgres-globals' : 'postgres-dump',
-      source: source.name,
-      key,
-      size: result.size,
-      sha256: result.sha256,
-      ...stored,
-      startedAt,
-      completedAt: new Date().toISOString(),
-    };
+    return reference;
   } catch (error) {
     log.warn({ error: (error as Error).message, attempt: context.info.attempt }, 'PostgreSQL dump failed');
     if ((error as Error).name === 'AbortError') throw error;

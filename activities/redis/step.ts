@@ -7,7 +7,7 @@ import { backupFolder, redisKey } from '../../common/layout';
 import type { RedisFacts } from '../../common/manifest';
 import type { Plan } from '../../common/plan';
 import type { ArtifactReference } from '../../common/workflow-types';
-import { heartbeatTimer, storeFacts } from '../backup';
+import { artifactReference, heartbeatTimer } from '../backup';
 import { activityLogger } from '../logging';
 import { resolveSecret } from '../secrets';
 import { openBlobStore } from '../storage';
@@ -58,18 +58,10 @@ export async function dumpRedisSource(input: { plan: Plan; source: string; backu
       result = keys;
       facts = { mode, redisVersion: keys.redisVersion, keyspace: keys.keyspace, records: keys.records, expiredSkipped: keys.expiredSkipped };
     }
-    const stored = await storeFacts(store, folder, `${key}.facts.json`, facts);
+    const kind = mode === 'rdb' ? 'redis-rdb' : 'redis-keys';
+    const reference = await artifactReference({ store, folder, kind, source: source.name, key, stored: result, facts, startedAt });
     log.info({ key, size: result.size, sha256: result.sha256 }, 'Redis dump stored');
-    return {
-      kind: mode === 'rdb' ? 'redis-rdb' : 'redis-keys',
-      source: source.name,
-      key,
-      size: result.size,
-      sha256: result.sha256,
-      ...stored,
-      startedAt,
-      completedAt: new Date().toISOString(),
-    };
+    return reference;
   } catch (error) {
     log.warn({ error: (error as Error).message, attempt: context.info.attempt }, 'Redis dump failed');
     if (error instanceof ApplicationFailure || (error as Error).name === 'AbortError') throw error;

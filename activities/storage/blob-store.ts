@@ -23,7 +23,7 @@ export interface BlobStore {
   /**
    * Streams `body` to `key` and returns the number of bytes stored. The object
    * appears at `key` only once it is complete, so a reader never sees half an
-   * object; a failed or cancelled put leaves nothing at `key`. Writing an
+   * object. A failed or cancelled put leaves nothing at `key`. Writing an
    * existing key replaces it.
    */
   put(key: string, body: Readable, options?: PutOptions): Promise<{ size: number }>;

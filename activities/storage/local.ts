@@ -8,6 +8,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { compareStrings } from '../../common/compare';
 import { ByteCounter, checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
 
 /** Temporary files of unfinished puts carry this marker; listings skip them. */
@@ -90,7 +91,7 @@ export class LocalBlobStore implements BlobStore {
     const slash = prefix.lastIndexOf('/');
     const folder = slash >= 0 ? prefix.slice(0, slash + 1) : '';
     await walk(folder ? path.join(this.root, ...folder.split('/').filter(Boolean)) : this.root, folder);
-    entries.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    entries.sort((a, b) => compareStrings(a.key, b.key));
     yield* entries;
   }
 
