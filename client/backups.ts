@@ -8,7 +8,7 @@ import { openBlobStore, type BlobStore } from '../activities/storage';
 
 export interface BackupSummary {
   backupId: string;
-  /** "unreadable" when the manifest exists but cannot be parsed; `error` says why. */
+  /** "unreadable" when the manifest exists but cannot be parsed; `error` gives the reason. */
   status: Manifest['status'] | 'unreadable';
   error?: string;
   completedAt: string;

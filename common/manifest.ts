@@ -49,7 +49,7 @@ export interface OpaFacts {
   bundleRevision: string;
 }
 
-/** What a PostgreSQL dump recorded, in the snapshot pg_dump read. */
+/** Facts of a PostgreSQL dump, from the snapshot pg_dump read. */
 export interface PostgresFacts {
   database?: string;
   serverVersion: string;
@@ -58,7 +58,7 @@ export interface PostgresFacts {
   tables?: Array<{ schema: string; name: string; rows: number }>;
 }
 
-/** What a Redis dump recorded. */
+/** Facts of a Redis dump. */
 export interface RedisFacts {
   mode: 'rdb' | 'keys';
   redisVersion: string;
@@ -100,7 +100,7 @@ export interface Manifest {
   version: typeof MANIFEST_VERSION;
   backupId: string;
   plan: string;
-  /** "partial" when at least one source failed; the failures say which and why. */
+  /** "partial" when at least one source failed; the failures name which and why. */
   status: 'complete' | 'partial';
   startedAt: string;
   completedAt: string;

@@ -119,7 +119,7 @@ const redisSource = z
 
 const localDestination = z
   .object({
-    /** Folder that holds the backups; relative paths start at the plan file's folder. */
+    /** Folder that contains the backups; relative paths start at the plan file's folder. */
     path: z.string().min(1),
   })
   .strict();
@@ -184,7 +184,7 @@ export function cronProblem(expression: string): string | undefined {
   return undefined;
 }
 
-/** Returns true when the runtime knows the IANA time zone name. */
+/** Returns true when the runtime's time zone database has the IANA name. */
 export function isKnownTimeZone(zone: string): boolean {
   try {
     new Intl.DateTimeFormat('en-US', { timeZone: zone });

@@ -119,7 +119,7 @@ for (const name of caseNames) {
       const bundle = await readBundle(bundlePath);
       assert.equal(bundle.manifest.rego_version, flags.includes('--v0-compatible') ? 0 : 1);
 
-      // Policy texts: each bundle file holds the live module of the id it maps to.
+      // Policy texts: each bundle file contains the live module of the id it maps to.
       const policies = await livePolicies(live.url);
       const fileToId = (bundle.manifest.metadata as { opa_backup: { policy_ids: Record<string, string> } }).opa_backup.policy_ids;
       assert.deepEqual(new Set(Object.values(fileToId)), new Set(policies.keys()));

@@ -1,6 +1,6 @@
 // Plan validation: every invalid plan under test/cases/plans is rejected by
 // the CLI before any workflow starts, naming the file, the field path and
-// the reason; valid plans load with their relative paths resolved.
+// the reason. Valid plans load with their relative paths resolved.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';

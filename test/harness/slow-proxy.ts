@@ -1,4 +1,4 @@
-// An HTTP proxy on loopback that holds each request for a while before
+// An HTTP proxy on loopback that delays each request before
 // forwarding it, to make a source slow enough to interrupt mid-step.
 import http from 'node:http';
 
