@@ -6,6 +6,7 @@ import path from 'node:path';
 import { isMap, isPair, isScalar, isSeq, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { planSchema, type Plan } from '../common/plan';
+import { parseRecipient } from './crypto/age';
 
 /** One problem in a plan: the field path ("sources.opa[0].token") and what is wrong with it. */
 export interface PlanIssue {
@@ -101,7 +102,10 @@ function issuesFromZod(error: z.ZodError): PlanIssue[] {
     let message = issue.message;
     if (issue.code === 'invalid_type') {
       if (issue.path.length === 0) message = 'the plan must be a mapping with name, destination and sources';
-      else if (issue.input === undefined) message = 'is required';
+      else if (issue.input === undefined && issue.path.length === 1 && issue.path[0] === 'encryption') {
+        message =
+          'is required: set "recipients" (age1… public keys) or "passphrase" (a secret reference), or "unencrypted: true" to store backups in plaintext';
+      } else if (issue.input === undefined) message = 'is required';
       else message = `must be ${issue.expected === 'int' ? 'an integer' : `of type ${issue.expected}`}, not ${describeValue(issue.input)}`;
     }
     issues.push({ path: formatFieldPath(issue.path), message });
@@ -135,6 +139,9 @@ function resolvePaths(plan: Plan, baseDirectory: string): Plan {
   const absolute = (file: string): string => (path.isAbsolute(file) ? file : path.resolve(baseDirectory, file));
   const copy: Plan = structuredClone(plan);
   if (copy.destination.local) copy.destination.local.path = absolute(copy.destination.local.path);
+  for (const replica of copy.replicas ?? []) {
+    if (replica.local) replica.local.path = absolute(replica.local.path);
+  }
   for (const source of copy.sources.opa ?? []) {
     if (source.tls?.caFile) source.tls.caFile = absolute(source.tls.caFile);
     if (source.tls?.certFile) source.tls.certFile = absolute(source.tls.certFile);
@@ -143,6 +150,26 @@ function resolvePaths(plan: Plan, baseDirectory: string): Plan {
   }
   for (const source of [...(copy.sources.postgres ?? []), ...(copy.sources.redis ?? [])]) {
     if (source.password?.startsWith('file:')) source.password = `file:${absolute(source.password.slice(5))}`;
+  }
+  const reference = (value: string | undefined): string | undefined =>
+    value?.startsWith('file:') ? `file:${absolute(value.slice(5))}` : value;
+  for (const source of copy.sources.bundle ?? []) {
+    if (source.tls?.caFile) source.tls.caFile = absolute(source.tls.caFile);
+    if (source.tls?.certFile) source.tls.certFile = absolute(source.tls.certFile);
+    if (source.tls?.key) source.tls.key = reference(source.tls.key);
+    source.token = reference(source.token);
+    source.verificationKey = reference(source.verificationKey);
+  }
+  for (const source of copy.sources.git ?? []) {
+    source.token = reference(source.token);
+    source.sshKey = reference(source.sshKey);
+    if (source.knownHostsFile) source.knownHostsFile = absolute(source.knownHostsFile);
+  }
+  copy.encryption.passphrase = reference(copy.encryption.passphrase);
+  copy.encryption.identity = reference(copy.encryption.identity);
+  if (copy.signing) {
+    copy.signing.key = reference(copy.signing.key);
+    if (copy.signing.publicKeyFile) copy.signing.publicKeyFile = absolute(copy.signing.publicKeyFile);
   }
   return copy;
 }
@@ -194,12 +221,37 @@ export function relativePathIssues(plan: Plan): PlanIssue[] {
     }
   };
   check('destination.local.path', plan.destination.local?.path);
+  (plan.replicas ?? []).forEach((replica, index) => check(`replicas[${index}].local.path`, replica.local?.path));
   (plan.sources.opa ?? []).forEach((source, index) => {
     check(`sources.opa[${index}].tls.caFile`, source.tls?.caFile);
     check(`sources.opa[${index}].tls.certFile`, source.tls?.certFile);
     if (source.token?.startsWith('file:')) check(`sources.opa[${index}].token`, source.token.slice(5));
     if (source.tls?.key?.startsWith('file:')) check(`sources.opa[${index}].tls.key`, source.tls.key.slice(5));
   });
+  (plan.sources.bundle ?? []).forEach((source, index) => {
+    check(`sources.bundle[${index}].tls.caFile`, source.tls?.caFile);
+    check(`sources.bundle[${index}].tls.certFile`, source.tls?.certFile);
+    for (const field of ['token', 'verificationKey'] as const) {
+      const value = source[field];
+      if (value?.startsWith('file:')) check(`sources.bundle[${index}].${field}`, value.slice(5));
+    }
+    if (source.tls?.key?.startsWith('file:')) check(`sources.bundle[${index}].tls.key`, source.tls.key.slice(5));
+  });
+  (plan.sources.git ?? []).forEach((source, index) => {
+    for (const field of ['token', 'sshKey'] as const) {
+      const value = source[field];
+      if (value?.startsWith('file:')) check(`sources.git[${index}].${field}`, value.slice(5));
+    }
+    check(`sources.git[${index}].knownHostsFile`, source.knownHostsFile);
+  });
+  for (const [fieldPath, value] of [
+    ['encryption.passphrase', plan.encryption.passphrase],
+    ['encryption.identity', plan.encryption.identity],
+    ['signing.key', plan.signing?.key],
+  ] as const) {
+    if (value?.startsWith('file:')) check(fieldPath, value.slice(5));
+  }
+  check('signing.publicKeyFile', plan.signing?.publicKeyFile);
   return issues;
 }
 
@@ -216,6 +268,19 @@ export function secretReferences(plan: Plan): Array<{ path: string; reference: s
   (plan.sources.redis ?? []).forEach((source, index) => {
     if (source.password) references.push({ path: `sources.redis[${index}].password`, reference: source.password });
   });
+  (plan.sources.bundle ?? []).forEach((source, index) => {
+    if (source.token) references.push({ path: `sources.bundle[${index}].token`, reference: source.token });
+    if (source.tls?.key) references.push({ path: `sources.bundle[${index}].tls.key`, reference: source.tls.key });
+    if (source.verificationKey) references.push({ path: `sources.bundle[${index}].verificationKey`, reference: source.verificationKey });
+  });
+  (plan.sources.git ?? []).forEach((source, index) => {
+    if (source.token) references.push({ path: `sources.git[${index}].token`, reference: source.token });
+    if (source.sshKey) references.push({ path: `sources.git[${index}].sshKey`, reference: source.sshKey });
+  });
+  // The identity is left out: only verify and restore drills read it, and a
+  // backup worker should not hold it.
+  if (plan.encryption.passphrase) references.push({ path: 'encryption.passphrase', reference: plan.encryption.passphrase });
+  if (plan.signing?.key) references.push({ path: 'signing.key', reference: plan.signing.key });
   return references;
 }
 
@@ -236,6 +301,13 @@ export function checkPlanReferences(plan: Plan): PlanIssue[] {
       } catch {
         issues.push({ path: `sources.opa[${index}].tls.${field}`, message: `file ${file} is missing or not readable` });
       }
+    }
+  });
+  (plan.encryption.recipients ?? []).forEach((recipient, index) => {
+    try {
+      parseRecipient(recipient);
+    } catch (error) {
+      issues.push({ path: `encryption.recipients[${index}]`, message: `${(error as Error).message}; copy the public key again from age-keygen's output` });
     }
   });
   for (const { path: fieldPath, reference } of secretReferences(plan)) {

@@ -59,6 +59,24 @@ export function redisKey(source: string, mode: 'rdb' | 'keys'): string {
   return `redis/${source}.${mode === 'rdb' ? 'rdb' : 'keys'}`;
 }
 
+/**
+ * Key of the dump of one master of a Redis Cluster source. The host is
+ * URI-encoded, so an IPv6 address stays one path segment.
+ */
+export function redisClusterNodeKey(source: string, host: string, port: number, mode: 'rdb' | 'keys'): string {
+  return `redis/${source}/${encodeURIComponent(host)}-${port}.${mode === 'rdb' ? 'rdb' : 'keys'}`;
+}
+
+/** Key of a bundle downloaded from a bundle service or bucket, stored as it was served. */
+export function servedBundleKey(source: string): string {
+  return `bundle/${source}.tar.gz`;
+}
+
+/** Key of a Git repository's `git bundle` file; `git clone KEY` restores it. */
+export function gitBundleKey(source: string): string {
+  return `git/${source}.bundle`;
+}
+
 /** Key of an OPA bundle, relative to the backup folder. */
 export function opaArtifactKey(source: string): string {
   return `opa/${source}.tar.gz`;

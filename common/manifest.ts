@@ -68,26 +68,137 @@ export interface RedisFacts {
   records?: Record<string, number>;
   /** Keys mode: keys that expired between SCAN and DUMP. */
   expiredSkipped?: number;
+  /** Cluster sources: the master this dump read, from its CLUSTER NODES line just before the dump. */
+  cluster?: RedisClusterNodeFacts;
 }
 
-export type ArtifactKind = 'opa-bundle' | 'postgres-dump' | 'postgres-globals' | 'redis-rdb' | 'redis-keys';
+/** One master of a Redis Cluster. */
+export interface RedisClusterNodeFacts {
+  /** The 40-character node id. */
+  nodeId: string;
+  /** host:port the dump connected to. */
+  address: string;
+  /** Hash slot ranges the master served, inclusive: [first, last]. */
+  slots: Array<[number, number]>;
+}
 
-export interface ArtifactRecord {
+/** What a bundle's .signatures.json showed when it was checked against the plan's verificationKey. */
+export interface BundleSignatureFacts {
+  /** True when the bundle contains a .signatures.json. */
+  signed: boolean;
+  /**
+   * true: the JWT verifies with the plan's key and every file's digest matches.
+   * false: it does not; `reason` says why. "not checked": the plan sets no
+   * verificationKey, the bundle is unsigned, or a data file is too large to check.
+   */
+  verified: true | false | 'not checked';
+  /** JWT `alg` header, such as "RS256". */
+  algorithm?: string;
+  /** JWT `kid` header, or the deprecated `keyid` claim. */
+  keyId?: string;
+  /** Files the signature covers. */
+  files?: number;
+  reason?: string;
+}
+
+/** Facts of a bundle downloaded from a bundle service or bucket. */
+export interface BundleFacts {
+  url: string;
+  /** ETag of the response (HTTP) or the object (S3), as the server sent it. */
+  etag?: string;
+  /** Size and SHA-256 of the bundle as it was served, before any encoding in the store. */
+  bundleSize: number;
+  bundleSha256: string;
+  /** From the bundle's .manifest; absent when the bundle has none. */
+  revision?: string;
+  roots?: string[];
+  regoVersion?: number;
+  /** Files in the bundle, .signatures.json included. */
+  files: number;
+  signature: BundleSignatureFacts;
+  /** True when the bundle equals the one of the previous backup, whose stored bytes this backup reuses (see `storedIn`). */
+  unchanged?: boolean;
+  /** How it was found unchanged: the server answered 304 to If-None-Match, or the SHA-256 was equal. */
+  unchangedBy?: 'etag' | 'sha256';
+}
+
+/** Facts of a Git repository stored as a `git bundle`. */
+export interface GitFacts {
+  url: string;
+  gitVersion: string;
+  /** Commit that HEAD points to; absent when HEAD names a branch without commits. */
+  head?: string;
+  /** Branch HEAD names, such as "refs/heads/main". */
+  defaultBranch?: string;
+  /** Every ref of the repository and the object it points to (for annotated tags, the tag object). */
+  refs: Array<{ name: string; object: string }>;
+}
+
+export type ArtifactKind =
+  | 'opa-bundle'
+  | 'postgres-dump'
+  | 'postgres-globals'
+  | 'redis-rdb'
+  | 'redis-keys'
+  | 'bundle'
+  | 'git-bundle';
+
+/** Size and SHA-256 (lowercase hex) of a byte stream. */
+export interface Digest {
+  size: number;
+  sha256: string;
+}
+
+/**
+ * How a step's output was turned into the stored object: gzip first (for
+ * formats that are not compressed already), then age. Recovery undoes them
+ * in reverse: `age -d`, then `gunzip`.
+ */
+export interface ArtifactEncoding {
+  compression?: 'gzip';
+  encryption?: 'age';
+}
+
+export interface ArtifactRecord extends ArtifactEncoding {
   kind: ArtifactKind;
   source: string;
-  /** Object key relative to the backup's folder, such as "opa/edge-1.tar.gz". */
+  /** Object key relative to the backup's folder, such as "redis/cache.rdb.gz.age". */
   key: string;
   /** Stored size in bytes. */
   size: number;
   /** SHA-256 of the stored bytes, lowercase hex. */
   sha256: string;
+  /** Size and SHA-256 of the step's output before compression and encryption. */
+  plaintext: Digest;
+  /** Backup id of an earlier backup of the plan whose folder holds the bytes, for an artifact stored once and reused unchanged. */
+  storedIn?: string;
   startedAt: string;
   completedAt: string;
-  facts: OpaFacts | PostgresFacts | RedisFacts;
+  /** What the step recorded. Absent in manifest.json of an encrypted backup: the facts object holds it. */
+  facts?: OpaFacts | PostgresFacts | RedisFacts | BundleFacts | GitFacts;
 }
 
+/**
+ * The facts of an encrypted backup: an age-encrypted JSON object beside the
+ * manifest that maps each artifact key to its facts. Facts contain probe
+ * inputs and decisions, which may be personal data.
+ */
+export interface FactsObject extends ArtifactEncoding {
+  key: string;
+  size: number;
+  sha256: string;
+  plaintext: Digest;
+}
+
+/** Name of the facts object of an encrypted backup, before the encoding suffixes. */
+export const FACTS_FILE = 'facts.json';
+
+/** Key file name of the detached manifest signature: 64 raw Ed25519 signature bytes over manifest.json. */
+export const SIGNATURE_FILE = 'manifest.json.sig';
+
 export interface SourceFailure {
-  kind: 'opa' | 'postgres' | 'redis';
+  /** The source kind, or "destination" for a replica that did not receive the backup. */
+  kind: 'opa' | 'postgres' | 'redis' | 'bundle' | 'git' | 'destination';
   source: string;
   /** Failure type, such as "Unauthorized" or "SourceUnavailable". */
   type: string;
@@ -105,6 +216,21 @@ export interface Manifest {
   startedAt: string;
   completedAt: string;
   workflow: { workflowId: string; runId: string };
+  /** How artifacts were encrypted: to X25519 recipients (by fingerprint), with a passphrase, or not at all. */
+  encryption: { mode: 'x25519'; recipients: string[] } | { mode: 'scrypt' } | { mode: 'none' };
+  /** The key that signed manifest.json (see SIGNATURE_FILE); absent when the plan does not sign. */
+  signing?: { algorithm: 'Ed25519'; keyId: string };
+  /** Where an encrypted backup keeps its artifacts' facts. */
+  facts?: FactsObject;
+  /** Plans with replicas: each destination and whether it holds every artifact and this manifest. */
+  destinations?: DestinationState[];
   artifacts: ArtifactRecord[];
   failures: SourceFailure[];
+}
+
+export interface DestinationState {
+  /** "primary" for the plan's destination, or a replica's name. */
+  name: string;
+  state: 'complete' | 'failed';
+  error?: string;
 }

@@ -2,7 +2,7 @@
 // Temporal's history, so they hold names, keys and digests, never secrets
 // or artifact bytes. Pure types: workflows import them.
 import type { Plan } from './plan';
-import type { ArtifactKind, SourceFailure } from './manifest';
+import type { ArtifactEncoding, ArtifactKind, DestinationState, Digest, SourceFailure } from './manifest';
 
 /**
  * Input of backupWorkflow. Give exactly one of `plan` (the plan document
@@ -11,19 +11,28 @@ import type { ArtifactKind, SourceFailure } from './manifest';
 export interface BackupWorkflowInput {
   plan?: Plan;
   planFile?: string;
+  /** Runs a restore drill of the new backup as a child workflow once it is sealed. */
+  drillAfter?: boolean;
 }
 
 /** Result of a source step: the artifact's key and the digests to check it. */
-export interface ArtifactReference {
+export interface ArtifactReference extends ArtifactEncoding {
   kind: ArtifactKind;
   source: string;
   /** Artifact key relative to the backup folder. */
   key: string;
+  /** Size and SHA-256 of the stored object. */
   size: number;
   sha256: string;
+  /** Size and SHA-256 of the step's output before compression and encryption. */
+  plaintext: Digest;
+  /** Replicated plans: destinations that failed to store the artifact, with their errors. */
+  failedDestinations?: Record<string, string>;
   /** Key of the facts document the step stored beside the artifact; sealBackup moves its content into the manifest. */
   factsKey: string;
   factsSha256: string;
+  /** Backup id of the earlier backup whose folder holds the bytes, when the step reused them unchanged. */
+  storedIn?: string;
   startedAt: string;
   completedAt: string;
 }
@@ -55,6 +64,10 @@ export interface SealBackupResult {
   manifestKey: string;
   manifestSha256: string;
   status: 'complete' | 'partial';
+  /** Plans with replicas: the state of each destination. */
+  destinations?: DestinationState[];
+  /** The input's source failures and any destination that did not receive the backup. */
+  failures: SourceFailure[];
 }
 
 export type SourceState = 'pending' | 'running' | 'done' | 'failed';
@@ -62,7 +75,7 @@ export type SourceState = 'pending' | 'running' | 'done' | 'failed';
 export interface BackupProgress {
   backupId?: string;
   plan?: string;
-  sources: Array<{ kind: 'opa' | 'postgres' | 'redis'; name: string; state: SourceState; error?: string }>;
+  sources: Array<{ kind: 'opa' | 'postgres' | 'redis' | 'bundle' | 'git'; name: string; state: SourceState; error?: string }>;
   sealed: boolean;
 }
 
@@ -76,4 +89,8 @@ export interface BackupWorkflowResult {
   manifestSha256: string;
   artifacts: Array<Pick<ArtifactReference, 'kind' | 'source' | 'key' | 'size' | 'sha256'>>;
   failures: SourceFailure[];
+  /** Plans with replicas: each destination and whether it holds the backup. */
+  destinations?: DestinationState[];
+  /** Outcome of the restore drill that `drillAfter` requested; `error` says why a drill could not run. */
+  drill?: { outcome: 'passed' | 'failed'; reportKey?: string; error?: string };
 }

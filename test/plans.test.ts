@@ -65,7 +65,7 @@ test('plan with a plain token is rejected', () => {
   assert.throws(
     () =>
       validatePlan(
-        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://x', token: 'hunter2' }] } },
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { opa: [{ name: 'a', url: 'http://x', token: 'hunter2' }] } },
         'inline',
       ),
     (error: unknown) => error instanceof PlanError && /sources\.opa\[0\]\.token: must be a secret reference/.test(error.message),
@@ -74,7 +74,7 @@ test('plan with a plain token is rejected', () => {
 
 test('plan without sources is rejected', () => {
   assert.throws(
-    () => validatePlan({ name: 'p', destination: { local: { path: '/tmp/x' } }, sources: {} }, 'inline'),
+    () => validatePlan({ name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: {} }, 'inline'),
     /sources: must list at least one source/,
   );
 });
@@ -85,7 +85,7 @@ test('plan with two destination kinds is rejected', () => {
       validatePlan(
         {
           name: 'p',
-          destination: { local: { path: '/tmp/x' }, s3: { bucket: 'backups' } },
+          destination: { local: { path: '/tmp/x' }, s3: { bucket: 'backups' } }, encryption: { unencrypted: true },
           sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:8181' }] },
         },
         'inline',
@@ -98,7 +98,7 @@ test('plan with a non-http url is rejected', () => {
   assert.throws(
     () =>
       validatePlan(
-        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'ftp://host' }] } },
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { opa: [{ name: 'a', url: 'ftp://host' }] } },
         'inline',
       ),
     /sources\.opa\[0\]\.url: must be an http:\/\/ or https:\/\/ URL/,
@@ -122,6 +122,7 @@ test('plan file resolves relative paths from its folder', () => {
       'destination:',
       '  local:',
       '    path: ./backups',
+      'encryption: { unencrypted: true }',
       'sources:',
       '  opa:',
       '    - name: edge-1',
@@ -142,9 +143,63 @@ test('plan file resolves relative paths from its folder', () => {
   assert.equal(plan.sources.opa?.[0].tls?.caFile, path.join(directory, 'ca.pem'));
 });
 
+test('plan file resolves key and source references from its folder', () => {
+  const directory = mkdtempSync(path.join(runsDirectory, 'plan-'));
+  const file = path.join(directory, 'plan.yaml');
+  writeFileSync(
+    file,
+    [
+      'name: references',
+      'destination: { local: { path: /srv/backups } }',
+      'encryption:',
+      '  passphrase: file:keys/passphrase',
+      '  identity: file:./keys/identity.txt',
+      'signing: { key: file:keys/signing.pem, publicKeyFile: keys/signing.pub.pem }',
+      'sources:',
+      '  bundle:',
+      '    - { name: authz, url: "https://bundles.internal/authz.tar.gz", token: file:token, verificationKey: file:keys/bundle.pem }',
+      '  git:',
+      '    - { name: policy-repo, url: "ssh://git@git.internal/policy.git", sshKey: file:keys/id_ed25519, knownHostsFile: known_hosts }',
+    ].join('\n'),
+  );
+  const plan = loadPlanFile(file);
+  const inside = (name: string): string => path.join(directory, name);
+  assert.equal(plan.encryption.passphrase, `file:${inside('keys/passphrase')}`);
+  assert.equal(plan.encryption.identity, `file:${inside('keys/identity.txt')}`);
+  assert.equal(plan.signing?.key, `file:${inside('keys/signing.pem')}`);
+  assert.equal(plan.signing?.publicKeyFile, inside('keys/signing.pub.pem'));
+  assert.equal(plan.sources.bundle?.[0].token, `file:${inside('token')}`);
+  assert.equal(plan.sources.bundle?.[0].verificationKey, `file:${inside('keys/bundle.pem')}`);
+  assert.equal(plan.sources.git?.[0].sshKey, `file:${inside('keys/id_ed25519')}`);
+  assert.equal(plan.sources.git?.[0].knownHostsFile, inside('known_hosts'));
+});
+
+test('encryption must name exactly one mode', () => {
+  const base = { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] } };
+  assert.throws(
+    () => validatePlan({ ...base, encryption: { unencrypted: true, passphrase: 'env:P' } }, 'inline'),
+    /encryption: must set exactly one of "recipients" \(age1… public keys\), "passphrase" \(a secret reference\) or "unencrypted: true"/,
+  );
+  assert.throws(() => validatePlan({ ...base, encryption: { recipients: ['age1notakey'] } }, 'inline'), /encryption\.recipients\[0\]: must be an age X25519 recipient/);
+  assert.throws(() => validatePlan({ ...base, encryption: { unencrypted: false } }, 'inline'), /encryption\.unencrypted/);
+});
+
+test('a recipient with a bad checksum is named with the fix', () => {
+  // A valid recipient with its last character changed: the bech32 checksum fails.
+  const recipient = 'age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8q';
+  const plan = validatePlan(
+    { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { recipients: [recipient] }, sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] } },
+    'inline',
+  );
+  const issues = checkPlanReferences(plan);
+  assert.equal(issues.length, 1);
+  assert.equal(issues[0].path, 'encryption.recipients[0]');
+  assert.match(issues[0].message, /copy the public key again from age-keygen's output/);
+});
+
 test('plan field of the wrong type names the type', () => {
   assert.throws(
-    () => validatePlan({ name: 1, destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] } }, 'inline'),
+    () => validatePlan({ name: 1, destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] } }, 'inline'),
     /inline: name: must be of type string, not number 1/,
   );
 });
@@ -162,7 +217,7 @@ test('plan with a zero timeout is rejected', () => {
       validatePlan(
         {
           name: 'p',
-          destination: { local: { path: '/tmp/x' } },
+          destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true },
           sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
           settings: { opaSnapshot: { attemptTimeout: '0s' } },
         },
@@ -176,7 +231,7 @@ test('plan url with credentials is rejected', () => {
   assert.throws(
     () =>
       validatePlan(
-        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { opa: [{ name: 'a', url: 'http://user:pw@127.0.0.1:1' }] } },
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { opa: [{ name: 'a', url: 'http://user:pw@127.0.0.1:1' }] } },
         'inline',
       ),
     /sources\.opa\[0\]\.url: must not contain credentials/,
@@ -191,6 +246,7 @@ test('plan integer beyond 2^53 is rejected', () => {
     [
       'name: big',
       'destination: { local: { path: ./b } }',
+      'encryption: { unencrypted: true }',
       'sources:',
       '  opa:',
       '    - name: a',
@@ -207,7 +263,7 @@ test('plan with a missing CA file fails the reference check', () => {
   const plan = validatePlan(
     {
       name: 'p',
-      destination: { local: { path: '/tmp/x' } },
+      destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true },
       sources: { opa: [{ name: 'a', url: 'https://127.0.0.1:1', tls: { caFile: '/nonexistent/ca.pem' } }] },
     },
     'inline',
@@ -221,7 +277,7 @@ test('plan with a password in a PostgreSQL url is rejected', () => {
   assert.throws(
     () =>
       validatePlan(
-        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { postgres: [{ name: 'db', url: 'postgres://u:secret@127.0.0.1:5432/postgres' }] } },
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { postgres: [{ name: 'db', url: 'postgres://u:secret@127.0.0.1:5432/postgres' }] } },
         'inline',
       ),
     /sources\.postgres\[0\]\.url: must not contain a password; use password: env:NAME/,
@@ -234,7 +290,7 @@ test('plan source names are unique across kinds', () => {
       validatePlan(
         {
           name: 'p',
-          destination: { local: { path: '/tmp/x' } },
+          destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true },
           sources: { opa: [{ name: 'main', url: 'http://127.0.0.1:1' }], postgres: [{ name: 'main', url: 'postgres://u@127.0.0.1:5432/postgres' }] },
         },
         'inline',
@@ -247,7 +303,7 @@ test('plan with an unknown Redis mode is rejected', () => {
   assert.throws(
     () =>
       validatePlan(
-        { name: 'p', destination: { local: { path: '/tmp/x' } }, sources: { redis: [{ name: 'cache', url: 'redis://127.0.0.1:6379', mode: 'aof' }] } },
+        { name: 'p', destination: { local: { path: '/tmp/x' } }, encryption: { unencrypted: true }, sources: { redis: [{ name: 'cache', url: 'redis://127.0.0.1:6379', mode: 'aof' }] } },
         'inline',
       ),
     /sources\.redis\[0\]\.mode: /,
