@@ -10,8 +10,11 @@ import { ApplicationFailure } from '@temporalio/common';
 import { FailureType } from '../common/failures';
 import { backupFolder, manifestKey, opaArtifactKey } from '../common/layout';
 import {
+  FACTS_FILE,
+  MANIFEST_FILE,
   MANIFEST_FORMAT,
   MANIFEST_VERSION,
+  SIGNATURE_FILE,
   type ArtifactRecord,
   type Manifest,
   type OpaFacts,
@@ -29,8 +32,11 @@ import { connectOpa } from './opa/client';
 import { packBundle } from './opa/bundle';
 import { policyFiles, snapshotOpa } from './opa/snapshot';
 import { checkPlanReferences, loadPlanFile, PlanError, relativePathIssues, validatePlan } from './plan-loader';
-import { openBlobStore } from './storage';
+import { openBlobStore, openDestinations, openWriteStore, type BlobStore } from './storage';
+import { ArtifactStore, encryptionSummary, openArtifactStore } from './artifacts';
+import { loadSigningKey, signManifest } from './signing';
 import { activityLogger } from './logging';
+import { recordSealedBackup } from './metrics';
 
 /** gzip level of OPA bundles: 1 is fastest. Bundles of base documents compress well even at 1. */
 const BUNDLE_GZIP_LEVEL = 1;
@@ -98,7 +104,7 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
   const startedAt = new Date().toISOString();
   log.info({ url: source.url, attempt: context.info.attempt }, 'OPA snapshot started');
 
-  const store = openBlobStore(plan.destination);
+  const store = openArtifactStore(plan, 'opa-bundle');
   const folder = backupFolder(plan.name, backupId);
   const key = opaArtifactKey(source.name);
   const workDirectory = await mkdtemp(path.join(tmpdir(), `opa-backup-${source.name}-`));
@@ -205,10 +211,11 @@ export async function snapshotOpaSource(input: SnapshotOpaInput): Promise<Artifa
 /**
  * Stores a step's facts as a small JSON object beside its artifact and
  * returns the step's result: the artifact's key and digests. sealBackup
- * later moves the facts into the manifest.
+ * later moves the facts into the manifest. With an ArtifactStore, the key
+ * and digests are those of the encoded object the step's put stored.
  */
 export async function artifactReference(options: {
-  store: ReturnType<typeof openBlobStore>;
+  store: BlobStore;
   folder: string;
   kind: ArtifactReference['kind'];
   source: string;
@@ -219,15 +226,31 @@ export async function artifactReference(options: {
 }): Promise<ArtifactReference> {
   const factsKey = `${options.key}.facts.json`;
   const text = JSON.stringify(options.facts);
-  await options.store.put(`${options.folder}/${factsKey}`, Readable.from([Buffer.from(text)]), {
+  const target = options.store instanceof ArtifactStore ? options.store.inner : options.store;
+  // Facts stay plaintext only until sealBackup moves them into the manifest
+  // or, for an encrypted backup, into the encrypted facts object.
+  await target.put(`${options.folder}/${factsKey}`, Readable.from([Buffer.from(text)]), {
     contentType: 'application/json',
   });
+  const encoded = options.store instanceof ArtifactStore ? options.store.encoded(`${options.folder}/${options.key}`) : undefined;
+  if (options.store instanceof ArtifactStore && !encoded) {
+    throw new Error(`internal error: no object was stored for ${options.key} through the artifact store`);
+  }
+  const stored = encoded
+    ? {
+        key: encoded.key.slice(options.folder.length + 1),
+        size: encoded.size,
+        sha256: encoded.sha256,
+        plaintext: encoded.plaintext,
+        ...(encoded.compression ? { compression: encoded.compression } : {}),
+        ...(encoded.encryption ? { encryption: encoded.encryption } : {}),
+        ...(encoded.failedDestinations ? { failedDestinations: encoded.failedDestinations } : {}),
+      }
+    : { key: options.key, ...options.stored, plaintext: options.stored };
   return {
     kind: options.kind,
     source: options.source,
-    key: options.key,
-    size: options.stored.size,
-    sha256: options.stored.sha256,
+    ...stored,
     factsKey,
     factsSha256: createHash('sha256').update(text).digest('hex'),
     startedAt: options.startedAt,
@@ -262,9 +285,16 @@ async function readSmallObject(store: ReturnType<typeof openBlobStore>, key: str
 export async function sealBackup(input: SealBackupInput): Promise<SealBackupResult> {
   const { plan, backupId } = input;
   const log = activityLogger({ backupId, plan: plan.name });
-  const store = openBlobStore(plan.destination);
+  // Reads go to the first destination that has the object; writes of the
+  // manifest go to each destination that holds every artifact.
+  const store = openWriteStore(plan);
+  const destinations = openDestinations(plan);
   const folder = backupFolder(plan.name, backupId);
   const key = manifestKey(plan.name, backupId);
+  const destinationErrors = new Map<string, string>();
+  const failDestination = (name: string, message: string): void => {
+    if (!destinationErrors.has(name)) destinationErrors.set(name, message);
+  };
 
   // A retry after the manifest was written (say the worker died before it
   // reported back) finds the manifest and returns it instead of writing anew.
@@ -276,17 +306,36 @@ export async function sealBackup(input: SealBackupInput): Promise<SealBackupResu
         manifestKey: key,
         manifestSha256: createHash('sha256').update(existing).digest('hex'),
         status: manifest.status,
+        ...(manifest.destinations ? { destinations: manifest.destinations } : {}),
+        failures: manifest.failures,
       };
     }
   }
 
   const artifacts: ArtifactRecord[] = [];
   for (const reference of input.artifacts) {
-    const stored = await store.stat(`${folder}/${reference.key}`);
-    if (!stored || stored.size !== reference.size) {
+    // An artifact reused from an earlier backup keeps its bytes in that backup's folder.
+    const location = reference.storedIn ? backupFolder(plan.name, reference.storedIn) : folder;
+    for (const [name, message] of Object.entries(reference.failedDestinations ?? {})) {
+      failDestination(name, `storing ${reference.key} failed: ${message}`);
+    }
+    for (const destination of destinations) {
+      if (destinationErrors.has(destination.name)) continue;
+      let problem: string | undefined;
+      try {
+        const stored = await destination.store.stat(`${location}/${reference.key}`);
+        if (!stored || stored.size !== reference.size) {
+          problem = `${reference.key} has ${stored ? `${stored.size} bytes` : 'disappeared'}, expected ${reference.size} bytes`;
+        }
+      } catch (error) {
+        problem = `cannot check ${reference.key}: ${(error as Error).message}`;
+      }
+      if (problem) failDestination(destination.name, problem);
+    }
+    if (destinations.every((destination) => destinationErrors.has(destination.name))) {
       throw ApplicationFailure.create({
         type: FailureType.StorageFailed,
-        message: `cannot seal backup ${backupId}: ${reference.key} in ${store.description} has ${stored ? `${stored.size} bytes` : 'disappeared'}, expected ${reference.size} bytes`,
+        message: `cannot seal backup ${backupId}: no destination holds every artifact: ${[...destinationErrors].map(([name, message]) => `${name}: ${message}`).join('; ')}`,
       });
     }
     const factsText = await readSmallObject(store, `${folder}/${reference.factsKey}`);
@@ -303,33 +352,117 @@ export async function sealBackup(input: SealBackupInput): Promise<SealBackupResu
       key: reference.key,
       size: reference.size,
       sha256: reference.sha256,
+      plaintext: reference.plaintext,
+      ...(reference.compression ? { compression: reference.compression } : {}),
+      ...(reference.encryption ? { encryption: reference.encryption } : {}),
       startedAt: reference.startedAt,
+      ...(reference.storedIn ? { storedIn: reference.storedIn } : {}),
       completedAt: reference.completedAt,
       facts: JSON.parse(factsText.toString('utf8')) as OpaFacts,
     });
   }
 
-  const status = input.failures.length > 0 ? 'partial' : 'complete';
+  const failures = [...input.failures];
   const manifest: Manifest = {
     format: MANIFEST_FORMAT,
     version: MANIFEST_VERSION,
     backupId,
     plan: plan.name,
-    status,
+    // Set below, once the destinations' states are known.
+    status: 'complete',
     startedAt: input.startedAt,
     completedAt: new Date().toISOString(),
     workflow: input.workflow,
+    encryption: encryptionSummary(plan),
     artifacts,
-    failures: input.failures,
+    failures,
   };
+
+  // An encrypted backup keeps its facts (probe inputs and decisions, table
+  // names, row counts) in an encrypted object; manifest.json keeps only
+  // keys, sizes and digests.
+  if (!plan.encryption.unencrypted) {
+    const factsStore = openArtifactStore(plan, 'facts');
+    const facts = Object.fromEntries(artifacts.map((artifact) => [artifact.key, artifact.facts]));
+    const factsKey = `${folder}/${FACTS_FILE}`;
+    await factsStore.put(factsKey, Readable.from([Buffer.from(JSON.stringify(facts))]), { contentType: 'application/octet-stream' });
+    const encoded = factsStore.encoded(factsKey)!;
+    for (const [name, message] of Object.entries(encoded.failedDestinations ?? {})) failDestination(name, `storing ${FACTS_FILE} failed: ${message}`);
+    manifest.facts = {
+      key: encoded.key.slice(folder.length + 1),
+      size: encoded.size,
+      sha256: encoded.sha256,
+      plaintext: encoded.plaintext,
+      ...(encoded.compression ? { compression: encoded.compression } : {}),
+      ...(encoded.encryption ? { encryption: encoded.encryption } : {}),
+    };
+    for (const artifact of artifacts) delete artifact.facts;
+  }
+
+  let signing: ReturnType<typeof loadSigningKey>;
+  try {
+    signing = loadSigningKey(plan);
+  } catch (error) {
+    if (error instanceof ApplicationFailure) throw error;
+    throw ApplicationFailure.create({ type: FailureType.InvalidPlan, nonRetryable: true, message: (error as Error).message });
+  }
+  if (signing) manifest.signing = { algorithm: 'Ed25519', keyId: signing.keyId };
+
+  // Every destination gets the same manifest bytes, so one signature fits
+  // all, and the destinations' states are fixed before the first write.
+  // NOTE: a destination whose manifest write fails below is listed as
+  // complete in the others' manifests but holds none; `list` shows it absent.
+  if (plan.replicas) {
+    manifest.destinations = destinations.map((destination) =>
+      destinationErrors.has(destination.name)
+        ? { name: destination.name, state: 'failed' as const, error: destinationErrors.get(destination.name) }
+        : { name: destination.name, state: 'complete' as const },
+    );
+  }
+  const complete = destinations.filter((destination) => !destinationErrors.has(destination.name));
+  for (const [name, message] of destinationErrors) {
+    failures.push({ kind: 'destination', source: name, type: FailureType.StorageFailed, message });
+  }
+  const status = failures.length > 0 ? 'partial' : 'complete';
+  manifest.status = status;
   const text = Buffer.from(JSON.stringify(manifest, null, 2) + '\n');
-  await store.put(key, Readable.from([text]), { contentType: 'application/json' });
-  for (const reference of input.artifacts) await store.delete(`${folder}/${reference.factsKey}`);
-  log.info({ key, status, artifacts: artifacts.length, failures: input.failures.length }, 'backup sealed');
-  return { manifestKey: key, manifestSha256: createHash('sha256').update(text).digest('hex'), status };
+  const written: string[] = [];
+  const writeErrors: string[] = [];
+  for (const destination of complete) {
+    try {
+      // The signature goes first: manifest.json is the commit point, so a
+      // committed backup never lacks its signature.
+      if (signing) {
+        await destination.store.put(`${folder}/${SIGNATURE_FILE}`, Readable.from([signManifest(text, signing.privateKey)]), {
+          contentType: 'application/octet-stream',
+        });
+      }
+      await destination.store.put(key, Readable.from([text]), { contentType: 'application/json' });
+      written.push(destination.name);
+    } catch (error) {
+      writeErrors.push(`${destination.name}: ${(error as Error).message}`);
+      log.warn({ destination: destination.name, error: (error as Error).message }, 'writing the manifest failed');
+    }
+  }
+  if (written.length === 0) {
+    throw ApplicationFailure.create({
+      type: FailureType.StorageFailed,
+      message: `cannot seal backup ${backupId}: writing ${MANIFEST_FILE} failed in every destination: ${writeErrors.join('; ')}`,
+    });
+  }
+  for (const reference of input.artifacts) await store.delete(`${folder}/${reference.factsKey}`).catch(() => undefined);
+  log.info({ key, status, artifacts: artifacts.length, failures: failures.length, destinations: written }, 'backup sealed');
+  recordSealedBackup(manifest);
+  return {
+    manifestKey: key,
+    manifestSha256: createHash('sha256').update(text).digest('hex'),
+    status,
+    ...(plan.replicas ? { destinations: manifest.destinations } : {}),
+    failures,
+  };
 }
 
-/** Describes the plan's destination, for results and messages. */
+/** Describes the plan's destination and replicas, for results and messages. */
 export async function describeDestination(plan: Plan): Promise<string> {
-  return openBlobStore(plan.destination).description;
+  return openWriteStore(plan).description;
 }

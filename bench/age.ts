@@ -10,7 +10,7 @@
 // It exits 0 whatever the verdict, because it is a measurement, not a test.
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createReadStream, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -18,6 +18,9 @@ import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
 import { createDecryptStream, createEncryptStream, generateIdentity, parseIdentity, parseRecipient } from '../activities/crypto/age';
+import { loadPlanFile } from '../activities/plan-loader';
+import { verifyStoredBackup } from '../activities/verify';
+import { MANIFEST_FORMAT, MANIFEST_VERSION, type Manifest } from '../common/manifest';
 
 /** Our encryption and decryption must reach at least this fraction of the CLI's throughput. */
 const MIN_THROUGHPUT_RATIO = 0.5;
@@ -98,8 +101,16 @@ async function runChild(argv: string[]): Promise<void> {
       result.sha256 = hash.digest('hex');
       break;
     }
+    case 'verify': {
+      // `input` is a plan file whose destination holds one backup, "bench/BACKUP_ID".
+      source.destroy();
+      const plan = loadPlanFile(input);
+      const report = await verifyStoredBackup(plan, values.output as string);
+      if (report.outcome !== 'ok') throw new Error(`verify failed: ${JSON.stringify(report.checks)}`);
+      break;
+    }
     default:
-      throw new Error(`unknown child operation "${values.child}"; expected encrypt, decrypt, decrypt-hash or hash`);
+      throw new Error(`unknown child operation "${values.child}"; expected encrypt, decrypt, decrypt-hash, hash or verify`);
   }
   // maxRSS is in kilobytes (KiB on Linux).
   result.maxRssBytes = process.resourceUsage().maxRSS * 1024;
@@ -258,6 +269,52 @@ async function runParent(argv: string[]): Promise<void> {
   }
   console.log(`load average after: ${formatLoad()}`);
 
+  // verify without an identity reads each stored object through its SHA-256
+  // check, as `opa-backup verify` does; sha256sum reads the same file.
+  const verifyRoot = path.join(BENCH_DIRECTORY, 'verify-store');
+  const backupId = '20261204T000000Z-0000bench';
+  rmSync(verifyRoot, { recursive: true, force: true });
+  mkdirSync(path.join(verifyRoot, 'bench', backupId), { recursive: true });
+  symlinkSync(oursFile, path.join(verifyRoot, 'bench', backupId, 'data.bin.age'));
+  const storedSha256 = (await measureTool('sha256sum', [oursFile])).stdout.split(' ')[0];
+  const manifest: Manifest = {
+    format: MANIFEST_FORMAT,
+    version: MANIFEST_VERSION,
+    backupId,
+    plan: 'bench',
+    status: 'complete',
+    startedAt: new Date().toISOString(),
+    completedAt: new Date().toISOString(),
+    workflow: { workflowId: 'bench', runId: 'bench' },
+    encryption: { mode: 'x25519', recipients: [recipient] },
+    artifacts: [
+      {
+        kind: 'postgres-dump',
+        source: 'bench',
+        key: 'data.bin.age',
+        size: statSync(oursFile).size,
+        sha256: storedSha256,
+        plaintext: { size: bytes, sha256: expectedHash },
+        encryption: 'age',
+        startedAt: new Date().toISOString(),
+        completedAt: new Date().toISOString(),
+      },
+    ],
+    failures: [],
+  };
+  writeFileSync(path.join(verifyRoot, 'bench', backupId, 'manifest.json'), JSON.stringify(manifest));
+  const verifyPlan = path.join(BENCH_DIRECTORY, 'verify-plan.json');
+  writeFileSync(
+    verifyPlan,
+    JSON.stringify({ name: 'bench', destination: { local: { path: verifyRoot } }, encryption: { recipients: [recipient] }, sources: { opa: [{ name: 'x', url: 'http://127.0.0.1:9' }] } }),
+  );
+  const oursVerify = new BestOf();
+  const cliVerify = new BestOf();
+  for (let run = 0; run < runs; run++) {
+    await oursVerify.add(() => measureNode(['--child', 'verify', '--input', verifyPlan, '--output', backupId]));
+    await cliVerify.add(() => measureTool('sha256sum', [oursFile]));
+  }
+
   // Untimed checks that both sides produce files the other side decrypts to the original.
   const nodeHash = (await measureNode(['--child', 'hash', '--input', plainFile])).result.sha256;
   const oursOfCli = (await measureNode(['--child', 'decrypt-hash', '--input', cliFile, '--identity', keyFile])).result.sha256;
@@ -269,6 +326,7 @@ async function runParent(argv: string[]): Promise<void> {
     ['encrypt', oursEncrypt, cliEncrypt],
     ['decrypt', oursDecrypt, cliDecrypt],
     ['sha256', oursHash, cliHash],
+    ['verify', oursVerify, cliVerify],
   ];
   console.log('');
   console.log('operation   node MB/s   cli MB/s   ratio   node peak RSS   cli peak RSS');
@@ -280,7 +338,8 @@ async function runParent(argv: string[]): Promise<void> {
         `${(oursRate / cliRate).toFixed(2).padStart(7)} ${formatRss(ours.maxRssBytes).padStart(15)} ${formatRss(cli.maxRssBytes).padStart(14)}`,
     );
   }
-  console.log('(cli is age for encrypt and decrypt, sha256sum for sha256; MB = 10^6 bytes; wall time includes process start-up)');
+  console.log('(cli is age for encrypt and decrypt, sha256sum for sha256 and verify; MB = 10^6 bytes; wall time includes process start-up)');
+  console.log('(verify is opa-backup verify without an identity on one stored age file, against sha256sum of that file)');
   console.log('(encrypt writes the ciphertext to a file next to the data; decrypt writes to /dev/null)');
   console.log('');
 
@@ -290,6 +349,7 @@ async function runParent(argv: string[]): Promise<void> {
     [`encrypt peak RSS < ${MAX_PEAK_RSS_MB} MB`, (oursEncrypt.maxRssBytes ?? Infinity) < MAX_PEAK_RSS_MB * MEGABYTE],
     [`decrypt peak RSS < ${MAX_PEAK_RSS_MB} MB`, (oursDecrypt.maxRssBytes ?? Infinity) < MAX_PEAK_RSS_MB * MEGABYTE],
     [`sha256 throughput >= ${MIN_HASH_RATIO} x sha256sum`, oursHash.seconds <= cliHash.seconds / MIN_HASH_RATIO],
+    [`verify throughput >= ${MIN_HASH_RATIO} x sha256sum`, oursVerify.seconds <= cliVerify.seconds / MIN_HASH_RATIO],
     ['node sha256 equals sha256sum', nodeHash === expectedHash],
     ['age CLI decrypts our file to the original', cliOfOurs === expectedHash],
     ['we decrypt the age CLI file to the original', oursOfCli === expectedHash],

@@ -40,6 +40,8 @@ import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
 import { DigestStream } from '../activities/digest';
 import { dumpDatabase, type DumpProgress } from '../activities/postgres/dump';
+import { ArtifactStore } from '../activities/artifacts';
+import { generateIdentity, parseRecipient } from '../activities/crypto/age';
 import { LocalBlobStore } from '../activities/storage/local';
 import { startPostgres, type PostgresServer } from '../test/harness/postgres';
 import { tool } from '../test/harness/tools';
@@ -104,7 +106,12 @@ async function runChild(argv: string[]): Promise<void> {
     return;
   }
   if (values.child !== 'dump') throw new Error(`invalid child operation "${values.child}"; expected dump, pipe or digest-store`);
-  const store = new LocalBlobStore(values.store as string);
+  // With --encrypt, the archive goes through the same age encryption as a
+  // backup's artifacts (pg_dump -Fc output is not gzipped again).
+  const recipient = process.env.BENCH_AGE_RECIPIENT;
+  const store = recipient
+    ? new ArtifactStore(new LocalBlobStore(values.store as string), { encrypt: { recipients: [parseRecipient(recipient)] } })
+    : new LocalBlobStore(values.store as string);
 
   const phaseStarts = new Map<string, number>();
   const onProgress = (progress: DumpProgress): void => {
@@ -133,11 +140,14 @@ async function runChild(argv: string[]): Promise<void> {
 
   const rehashStarted = performance.now();
   const hash = createHash('sha256');
-  for await (const chunk of createReadStream(path.join(values.store as string, ...(values.key as string).split('/')))) {
+  const encoded = store instanceof ArtifactStore ? store.encoded(values.key as string) : undefined;
+  const storedKey = encoded?.key ?? (values.key as string);
+  for await (const chunk of createReadStream(path.join(values.store as string, ...storedKey.split('/')))) {
     hash.update(chunk as Buffer);
   }
   const rehashSeconds = (performance.now() - rehashStarted) / 1000;
-  if (hash.digest('hex') !== result.sha256) throw new Error(`SHA-256 of the stored archive differs from the digest dumpDatabase returned`);
+  if (hash.digest('hex') !== (encoded?.sha256 ?? result.sha256)) throw new Error(`SHA-256 of the stored archive differs from the digest the store recorded`);
+  if (encoded && encoded.plaintext.sha256 !== result.sha256) throw new Error('the plaintext digest of the encrypted archive differs from the digest dumpDatabase returned');
 
   const accounts = result.tables.find((table) => table.schema === 'public' && table.name === 'pgbench_accounts');
   const output: ChildResult = {
@@ -298,7 +308,12 @@ async function measureScale(
   const database = `pgbench_scale_${scale}`;
   await server.psql('postgres', `CREATE DATABASE ${database}`);
   console.log(`\nscale ${scale}: pgbench -i -s ${scale} into database ${database}...`);
-  const environment: NodeJS.ProcessEnv = { ...server.clientEnvironment, PGDATABASE: database, PGSSLMODE: 'disable' };
+  const environment: NodeJS.ProcessEnv = {
+    ...server.clientEnvironment,
+    PGDATABASE: database,
+    PGSSLMODE: 'disable',
+    ...(process.env.BENCH_AGE_RECIPIENT ? { BENCH_AGE_RECIPIENT: process.env.BENCH_AGE_RECIPIENT } : {}),
+  };
   const initialize = await timeCommand(tool('pgbench'), ['-i', '-q', '-s', String(scale)], environment);
   const databaseBytes = Number((await server.psql('postgres', `SELECT pg_database_size('${database}')`)).trim());
   console.log(`scale ${scale}: pgbench -i took ${initialize.seconds.toFixed(1)} s; pg_database_size = ${formatMegabytes(databaseBytes)}`);
@@ -429,8 +444,11 @@ async function runParent(argv: string[]): Promise<void> {
       scales: { type: 'string', default: '7,70' },
       runs: { type: 'string', default: '3' },
       directory: { type: 'string', default: os.tmpdir() },
+      /** Encrypt the dumpDatabase archive with age, as a backup with recipients does. */
+      encrypt: { type: 'boolean', default: false },
     },
   });
+  if (values.encrypt) process.env.BENCH_AGE_RECIPIENT = generateIdentity().recipient.toString();
   const scales = parseScales(values.scales as string);
   const runs = Number(values.runs);
   if (!Number.isInteger(runs) || runs < 1) throw new Error(`--runs must be a positive integer, got ${values.runs}`);

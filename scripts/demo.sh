@@ -56,12 +56,26 @@ node dist/worker/main.js >"$demo/logs/worker.log" 2>&1 &
 pids+=($!)
 wait_for "the worker" "$demo/logs/worker.log" grep -q '"worker started"' "$demo/logs/worker.log"
 
+# Keys stay across runs, so older demo backups remain readable.
+if [[ ! -f "$demo/keys/age-identity.txt" ]]; then
+  echo "demo: creating an age identity and a signing key in .demo/keys"
+  bin/opa-backup keygen --out "$demo/keys" >/dev/null
+fi
+recipient=$(cat "$demo/keys/age-recipient.txt")
+
 cat >"$demo/plan.yaml" <<PLAN
-# Written by scripts/demo.sh: back up the sample OPA into a local folder.
+# Written by scripts/demo.sh: back up the sample OPA into a local folder,
+# encrypted to the demo's age key and with a signed manifest.
 name: demo
 destination:
   local:
     path: ./backups
+encryption:
+  recipients: ["$recipient"]
+  identity: file:./keys/age-identity.txt
+signing:
+  key: file:./keys/signing-key.pem
+  publicKeyFile: ./keys/signing-key.pub.pem
 sources:
   opa:
     - name: sample-opa
@@ -85,7 +99,12 @@ echo
 echo "demo: the latest backup is in ${latest%/}:"
 (cd "$latest" && find . -type f | sort | sed 's|^\./|  |')
 echo
-echo "demo: the OPA bundle holds:"
-tar -tzvf "$latest/opa/sample-opa.tar.gz" | sed 's/^/  /'
+echo "demo: bin/opa-backup verify latest --plan .demo/plan.yaml"
+bin/opa-backup verify latest --plan "$demo/plan.yaml"
 echo
-echo "demo: restore it with: opa run --server --bundle ${latest}opa/sample-opa.tar.gz"
+echo "demo: the OPA bundle holds:"
+age --decrypt --identity "$demo/keys/age-identity.txt" "$latest/opa/sample-opa.tar.gz.age" | tar -tzv | sed 's/^/  /'
+echo
+echo "demo: restore it with:"
+echo "  age --decrypt --identity .demo/keys/age-identity.txt --output sample-opa.tar.gz ${latest}opa/sample-opa.tar.gz.age"
+echo "  opa run --server --bundle sample-opa.tar.gz"

@@ -100,6 +100,8 @@ install_debian_packages() {
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v age >/dev/null || missing+=(age)
   command -v git >/dev/null || missing+=(git)
+  command -v jq >/dev/null || missing+=(jq)
+  command -v openssl >/dev/null || missing+=(openssl)
   [[ ${#missing[@]} -eq 0 ]] && return
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
     fail "missing Debian packages: ${missing[*]}; install them (apt-get install ${missing[*]}) and run this again"

@@ -3,7 +3,7 @@
 // workflow history and logs.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { randomBytes, createHash } from 'node:crypto';
@@ -89,6 +89,7 @@ test('worker killed mid-snapshot: a new worker completes the backup once', async
     const plan: Plan = {
       name: 'kill',
       destination: { local: { path: folder } },
+      encryption: { unencrypted: true },
       sources: { opa: [{ name: 'slow', url: proxy.url }] },
       settings: fastRetries,
     };
@@ -126,6 +127,7 @@ test('OPA that is down is retried and backed up once it is up', async () => {
   const plan: Plan = {
     name: 'down',
     destination: { local: { path: folder } },
+    encryption: { unencrypted: true },
     sources: { opa: [{ name: 'late', url: `http://127.0.0.1:${port}` }] },
     settings: fastRetries,
   };
@@ -164,6 +166,7 @@ test('OPA answering 401 fails at once, naming source and token reference', async
     const plan: Plan = {
       name: 'auth',
       destination: { local: { path: folder } },
+      encryption: { unencrypted: true },
       sources: {
         opa: [
           { name: 'good', url: opa.url, token: 'env:OPA_FAULTS_GOOD_TOKEN' },
@@ -217,6 +220,7 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
         'name: cli',
         'destination:',
         `  local: { path: ${JSON.stringify(folder)} }`,
+        'encryption: { unencrypted: true }',
         'sources:',
         '  opa:',
         `    - { name: up, url: ${JSON.stringify(opa.url)} }`,
@@ -251,6 +255,43 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
   }
 });
 
+test('CLI shows each step progress from heartbeats', async () => {
+  const opa = await startOpa('faults-progress-opa');
+  const proxy = await startSlowProxy(opa.url, 400);
+  try {
+    await loadRbac(opa);
+    const planFile = path.join(folder, 'progress-plan.yaml');
+    writeFileSync(
+      planFile,
+      [
+        'name: progress',
+        `destination: { local: { path: ${JSON.stringify(folder)} } }`,
+        'encryption: { unencrypted: true }',
+        'sources:',
+        '  opa:',
+        `    - { name: slow, url: ${JSON.stringify(proxy.url)} }`,
+        'settings:',
+        '  opaSnapshot: { heartbeatTimeout: 1s }',
+      ].join('\n'),
+    );
+    const cli = path.join(repositoryRoot, 'bin', 'opa-backup');
+    // The proxy runs in this process, so the CLI must run without blocking it.
+    const child = spawn(process.execPath, [cli, 'backup', '--plan', planFile, '--wait'], {
+      env: { ...process.env, TEMPORAL_ADDRESS: stack.temporal.address, OPA_BACKUP_TASK_QUEUE: stack.taskQueue },
+    });
+    const run = { stdout: '', stderr: '', status: null as number | null };
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (run.stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (run.stderr += text));
+    run.status = await new Promise<number | null>((resolve) => child.once('close', resolve));
+    assert.equal(run.status, 0, run.stdout + run.stderr);
+    // Heartbeats come every third of the 1 s timeout, and each request through the proxy takes 400 ms.
+    assert.match(run.stdout, /^ {2}opa-slow: (policies|data|probes)\b/m);
+  } finally {
+    await proxy.close();
+    await opa.stop();
+  }
+});
+
 test('CLI shows why the worker rejected the plan', async () => {
   const planFile = path.join(folder, 'worker-secret.yaml');
   writeFileSync(
@@ -258,6 +299,7 @@ test('CLI shows why the worker rejected the plan', async () => {
     [
       'name: worker-secret',
       `destination: { local: { path: ${JSON.stringify(folder)} } }`,
+      'encryption: { unencrypted: true }',
       'sources:',
       '  opa:',
       '    - { name: edge, url: "http://127.0.0.1:9", token: env:OPA_FAULTS_SET_ONLY_FOR_THE_CLI }',

@@ -104,6 +104,7 @@ for (const name of caseNames) {
       const plan: Plan = {
         name: `case-${name}`,
         destination: { local: { path: folder } },
+        encryption: { unencrypted: true },
         sources: { opa: [{ name: 'live', url: live.url, probes: loaded.probes }] },
       };
 

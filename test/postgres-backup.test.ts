@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import type { WorkflowHandle } from '@temporalio/client';
@@ -44,6 +44,8 @@ function planFor(name: string, databases: string[]): Plan {
   return {
     name,
     destination: { local: { path: folder } },
+    encryption: { unencrypted: true },
+    compression: { level: 0 },
     sources: {
       opa: [{ name: 'edge', url: opa.url }],
       postgres: [{ name: 'upstream', url: postgres.url, password: 'env:PG_BACKUP_TEST_PASSWORD', databases }],
@@ -111,4 +113,51 @@ test('server restart during a dump retries that dump only', async () => {
   const manifest = JSON.parse(readFileSync(path.join(folder, result.manifestKey), 'utf8')) as Manifest;
   const dump = manifest.artifacts.find((artifact) => artifact.kind === 'postgres-dump')!;
   assert.equal((dump.facts as PostgresFacts).tables!.find((table) => table.name === 'filler')?.rows, 600000);
+});
+
+test('cancelled backup stops pg_dump at once and seals nothing', async () => {
+  await postgres.psql('postgres', 'CREATE DATABASE locked');
+  await postgres.psql('locked', 'CREATE TABLE held (id int)');
+  // pg_dump waits for a share lock on every table it dumps, so an exclusive
+  // lock held by another session keeps it waiting until it is stopped.
+  const holder = await postgres.connect('locked');
+  await holder.query('BEGIN');
+  await holder.query('LOCK TABLE held IN ACCESS EXCLUSIVE MODE');
+  try {
+    const plan = planFor('pg-cancel', ['locked']);
+    plan.settings = { postgresDump: { heartbeatTimeout: '2s' } };
+    // The database name travels in PGDATABASE, so pg_dump is found as a new process with its snapshot argument.
+    const pgDumpProcesses = (): string[] =>
+      execFileSync('ps', ['-eo', 'pid=,args='], { encoding: 'utf8' })
+        .split('\n')
+        .filter((line) => /pg_dump --format=custom --snapshot=/.test(line))
+        .map((line) => line.trim().split(/\s+/)[0]);
+    const before = new Set(pgDumpProcesses());
+    const handle = await stack.client.workflow.start('backupWorkflow', {
+      taskQueue: stack.taskQueue,
+      workflowId: `pg-cancel-${randomBytes(4).toString('hex')}`,
+      args: [{ plan }],
+    });
+    const deadline = Date.now() + 60_000;
+    let pid: string | undefined;
+    while (!(pid = pgDumpProcesses().find((candidate) => !before.has(candidate)))) {
+      if (Date.now() > deadline) throw new Error('pg_dump of database locked did not start');
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const cancelledAt = Date.now();
+    await handle.cancel();
+    await assert.rejects(handle.result(), /cancel/i);
+    while (pgDumpProcesses().includes(pid)) {
+      assert.ok(Date.now() - cancelledAt < 10_000, 'pg_dump still runs 10 s after the cancel');
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const backups = existsSync(path.join(folder, 'pg-cancel')) ? readdirSync(path.join(folder, 'pg-cancel')) : [];
+    for (const backup of backups) {
+      assert.equal(existsSync(path.join(folder, 'pg-cancel', backup, 'manifest.json')), false, `${backup} has a manifest`);
+      assert.equal(existsSync(path.join(folder, 'pg-cancel', backup, 'postgres', 'upstream', 'locked.dump')), false, `${backup} has a dump`);
+    }
+  } finally {
+    await holder.query('ROLLBACK').catch(() => undefined);
+    await holder.end();
+  }
 });

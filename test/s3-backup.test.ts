@@ -48,6 +48,7 @@ test('backup to S3 stores bundle and manifest under the prefix', async () => {
   const plan: Plan = {
     name: 's3-plan',
     destination: { s3: { bucket: 'opa-backups', prefix: 'team/opa', endpoint: s3.endpoint, region: s3.region } },
+    encryption: { unencrypted: true },
     sources: { opa: [{ name: 'edge-1', url: opa.url, probes: [{ path: 'app/authz/allow', input: { user: 'alice', action: 'write', resource: '/reports/q3' } }] }] },
   };
   const result = await stack.backup(plan);

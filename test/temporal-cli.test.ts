@@ -37,7 +37,7 @@ test('temporal workflow execute runs a backup from a plan file', () => {
   const planFile = path.join(folder, 'plan.yaml');
   writeFileSync(
     planFile,
-    ['name: from-cli', 'destination:', '  local: { path: ./backups }', 'sources:', '  opa:', `    - { name: edge-1, url: "${opa.url}" }`].join('\n'),
+    ['name: from-cli', 'destination:', '  local: { path: ./backups }', 'encryption: { unencrypted: true }', 'sources:', '  opa:', `    - { name: edge-1, url: "${opa.url}" }`].join('\n'),
   );
   const run = temporal([
     'workflow',

@@ -12,7 +12,7 @@ import type { ArtifactReference, PostgresStepInput } from '../../common/workflow
 import { artifactReference, heartbeatTimer } from '../backup';
 import { activityLogger } from '../logging';
 import { resolveSecret } from '../secrets';
-import { openBlobStore } from '../storage';
+import { openArtifactStore } from '../artifacts';
 import { dumpDatabase, dumpGlobals, PgDumpVersionError } from './dump';
 
 function findSource(plan: Plan, name: string): { source: PostgresSource; index: number } {
@@ -77,7 +77,7 @@ export async function dumpPostgres(input: PostgresStepInput): Promise<ArtifactRe
   const { source, index } = findSource(plan, input.source);
   const context = Context.current();
   const log = activityLogger({ backupId, plan: plan.name, source: source.name, database: database ?? '(globals)' });
-  const store = openBlobStore(plan.destination);
+  const store = openArtifactStore(plan, database === undefined ? 'postgres-globals' : 'postgres-dump');
   const folder = backupFolder(plan.name, backupId);
   const key = database === undefined ? postgresGlobalsKey(source.name) : postgresDumpKey(source.name, database);
   const startedAt = new Date().toISOString();

@@ -9,7 +9,15 @@ import { randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { compareStrings } from '../../common/compare';
-import { ByteCounter, checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
+import {
+  ByteCounter,
+  checkKey,
+  ObjectNotFoundError,
+  type BlobStore,
+  type PutOptions,
+  type StoredObject,
+  type UnfinishedUpload,
+} from './blob-store';
 
 /** Temporary files of unfinished puts carry this marker; listings skip them. */
 const PARTIAL_MARKER = '.partial-';
@@ -58,7 +66,7 @@ export class LocalBlobStore implements BlobStore {
     } catch {
       throw new ObjectNotFoundError(key, this.description);
     }
-    return createReadStream(file);
+    return createReadStream(file, { highWaterMark: 1 << 20 });
   }
 
   async stat(key: string): Promise<StoredObject | undefined> {
@@ -110,5 +118,52 @@ export class LocalBlobStore implements BlobStore {
 
   async delete(key: string): Promise<void> {
     await rm(this.file(key), { force: true });
+  }
+
+  /** Removes the folder with everything in it, temporary files of unfinished puts included. */
+  async deleteFolder(prefix: string): Promise<number> {
+    const folder = prefix.replace(/\/$/, '');
+    let count = 0;
+    for await (const _object of this.list(`${folder}/`)) count++;
+    await rm(this.file(folder), { recursive: true, force: true });
+    return count;
+  }
+
+  /** Lists temporary files of puts that never renamed them into place, such as after a crash. */
+  async *listUnfinishedUploads(prefix: string): AsyncIterable<UnfinishedUpload> {
+    const found: UnfinishedUpload[] = [];
+    const walk = async (directory: string, keyPrefix: string): Promise<void> => {
+      let entries;
+      try {
+        entries = await readdir(directory, { withFileTypes: true });
+      } catch {
+        return;
+      }
+      for (const entry of entries) {
+        const full = path.join(directory, entry.name);
+        if (entry.isDirectory()) {
+          await walk(full, `${keyPrefix}${entry.name}/`);
+          continue;
+        }
+        const marker = entry.name.indexOf(PARTIAL_MARKER);
+        if (marker < 0) continue;
+        const key = keyPrefix + entry.name.slice(0, marker);
+        if (!key.startsWith(prefix)) continue;
+        const info = await stat(full).catch(() => undefined);
+        if (info) found.push({ key, uploadId: entry.name, initiated: info.mtime });
+      }
+    };
+    const slash = prefix.lastIndexOf('/');
+    const folder = slash >= 0 ? prefix.slice(0, slash + 1) : '';
+    await walk(folder ? path.join(this.root, ...folder.split('/').filter(Boolean)) : this.root, folder);
+    found.sort((a, b) => compareStrings(a.key, b.key) || compareStrings(a.uploadId, b.uploadId));
+    yield* found;
+  }
+
+  async abortUpload(upload: UnfinishedUpload): Promise<void> {
+    if (!upload.uploadId.includes(PARTIAL_MARKER) || upload.uploadId.includes('/')) {
+      throw new Error(`"${upload.uploadId}" is not a temporary file of an unfinished put in ${this.description}`);
+    }
+    await rm(path.join(path.dirname(this.file(upload.key)), upload.uploadId), { force: true });
   }
 }
