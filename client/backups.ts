@@ -4,7 +4,7 @@
 import { manifestKey } from '../common/layout';
 import type { Manifest } from '../common/manifest';
 import type { Plan } from '../common/plan';
-import { openBlobStore, type BlobStore } from '../activities/storage';
+import { openDestinations, type BlobStore } from '../activities/storage';
 
 export interface BackupSummary {
   backupId: string;
@@ -17,9 +17,12 @@ export interface BackupSummary {
   size: number;
   sources: string[];
   failures: Array<{ source: string; message: string }>;
+  /** Destinations that hold the backup's manifest: "primary" and replica names. */
+  destinations: string[];
 }
 
-export type BackupList = BackupSummary[] & { destination: string };
+/** The backups, the destinations' description, and the destinations that could not be listed with their errors. */
+export type BackupList = BackupSummary[] & { destination: string; unreachable: Record<string, string> };
 
 async function readManifest(store: BlobStore, key: string): Promise<Manifest> {
   const chunks: Buffer[] = [];
@@ -27,17 +30,37 @@ async function readManifest(store: BlobStore, key: string): Promise<Manifest> {
   return JSON.parse(Buffer.concat(chunks).toString('utf8')) as Manifest;
 }
 
-/** Lists the plan's sealed backups, oldest first. */
+/**
+ * Lists the plan's sealed backups, oldest first, across its destination and
+ * replicas. Each backup names the destinations that hold its manifest; a
+ * destination that cannot be listed is reported in `unreachable`.
+ */
 export async function listBackups(plan: Plan): Promise<BackupList> {
-  const store = openBlobStore(plan.destination);
+  const destinations = openDestinations(plan);
   const backups = [] as unknown as BackupList;
-  backups.destination = store.description;
-  for await (const backupId of store.listFolders(`${plan.name}/`)) {
+  backups.destination = destinations.length === 1 ? destinations[0].store.description : destinations.map((entry) => `${entry.name}: ${entry.store.description}`).join(', ');
+  backups.unreachable = {};
+  // Backup id to the destinations that hold its manifest, in plan order.
+  const holders = new Map<string, Array<{ name: string; store: BlobStore }>>();
+  for (const destination of destinations) {
+    try {
+      for await (const backupId of destination.store.listFolders(`${plan.name}/`)) {
+        if (!(await destination.store.stat(manifestKey(plan.name, backupId)))) continue;
+        holders.set(backupId, [...(holders.get(backupId) ?? []), destination]);
+      }
+    } catch (error) {
+      // A single destination fails loudly, as before replicas; with replicas the others still list.
+      if (destinations.length === 1) throw error;
+      backups.unreachable[destination.name] = (error as Error).message;
+    }
+  }
+  for (const backupId of [...holders.keys()].sort()) {
+    const holding = holders.get(backupId)!;
     const key = manifestKey(plan.name, backupId);
-    if (!(await store.stat(key))) continue;
+    const names = holding.map((entry) => entry.name);
     let manifest: Manifest;
     try {
-      manifest = await readManifest(store, key);
+      manifest = await readManifest(holding[0].store, key);
     } catch (error) {
       backups.push({
         backupId,
@@ -48,6 +71,7 @@ export async function listBackups(plan: Plan): Promise<BackupList> {
         size: 0,
         sources: [],
         failures: [],
+        destinations: names,
       });
       continue;
     }
@@ -59,6 +83,7 @@ export async function listBackups(plan: Plan): Promise<BackupList> {
       size: manifest.artifacts.reduce((total, artifact) => total + artifact.size, 0),
       sources: manifest.artifacts.map((artifact) => artifact.source),
       failures: manifest.failures.map((failure) => ({ source: failure.source, message: failure.message })),
+      destinations: names,
     });
   }
   return backups;

@@ -1,13 +1,28 @@
-import type { Destination } from '../../common/plan';
+import { PRIMARY_DESTINATION, type Destination, type Plan } from '../../common/plan';
 import type { BlobStore } from './blob-store';
 import { LocalBlobStore } from './local';
+import { ReplicatedBlobStore } from './replicated';
 import { S3BlobStore } from './s3';
 
 export * from './blob-store';
+export { AllDestinationsFailedError, ReplicatedBlobStore } from './replicated';
 
 /** Opens the blob store a plan's destination names. */
 export function openBlobStore(destination: Destination): BlobStore {
   if (destination.local) return new LocalBlobStore(destination.local.path);
   if (destination.s3) return new S3BlobStore(destination.s3);
   throw new Error('the destination sets neither "local" nor "s3"');
+}
+
+/** Returns the plan's destination and replicas, each opened and named: "primary" first, then each replica. */
+export function openDestinations(plan: Pick<Plan, 'destination' | 'replicas'>): Array<{ name: string; store: BlobStore }> {
+  return [
+    { name: PRIMARY_DESTINATION, store: openBlobStore(plan.destination) },
+    ...(plan.replicas ?? []).map((replica) => ({ name: replica.name, store: openBlobStore(replica) })),
+  ];
+}
+
+/** Opens the store that artifacts are written to: the destination alone, or it and every replica. */
+export function openWriteStore(plan: Pick<Plan, 'destination' | 'replicas'>): BlobStore {
+  return plan.replicas ? new ReplicatedBlobStore(openDestinations(plan)) : openBlobStore(plan.destination);
 }
