@@ -17,8 +17,10 @@
 //   that LocalBlobStore does.
 // - dumpKeys into a LocalBlobStore, in a child as well, once for each
 //   BATCH:SCAN pair of --keys-settings (batchSize and scanCount of dumpKeys).
+//   The Redis server's CPU time during each run comes from INFO cpu, so the
+//   output shows whether Redis or the dump limits the rate.
 //
-//   npx tsc -p . && node dist/bench/redis-dump.js [--keys 1000000] [--runs 3] [--directory /tmp] [--keys-settings 100:1000,1000:1000]
+//   npx tsc -p . && node dist/bench/redis-dump.js [--keys 1000000] [--runs 3] [--directory /tmp] [--keys-settings 1000:1000,100:1000]
 //
 // It exits 0 whatever the verdict, because it is a measurement, not a test.
 import { spawn } from 'node:child_process';
@@ -247,6 +249,15 @@ interface Results {
   rdb: ChildResult[];
   /** One list of runs for each entry of --keys-settings, in the same order. */
   keys: ChildResult[][];
+  /** CPU seconds the Redis server used during each dumpKeys run, in the same shape as `keys`. */
+  keysServerCpuSeconds: number[][];
+}
+
+/** Returns the CPU seconds the Redis server used so far (INFO cpu, user and system, main process only). */
+async function serverCpuSeconds(client: ReturnType<RedisServer['client']>): Promise<number> {
+  const info = await client.info('cpu');
+  const field = (name: string): number => Number(new RegExp(`^${name}:([\\d.]+)`, 'm').exec(info)?.[1] ?? Number.NaN);
+  return field('used_cpu_user') + field('used_cpu_sys');
 }
 
 /** Runs the reference, dumpRdb and every dumpKeys setting in turn, `runs` times. */
@@ -254,7 +265,8 @@ async function measure(server: RedisServer, expectedKeys: number, runs: number, 
   const redisCli = tool('redis-cli');
   const referenceFile = path.join(storeRoot, 'reference.rdb');
   const store = path.join(storeRoot, 'store');
-  const results: Results = { referenceSeconds: [], referenceBytes: 0, rdb: [], keys: settings.map(() => []) };
+  const results: Results = { referenceSeconds: [], referenceBytes: 0, rdb: [], keys: settings.map(() => []), keysServerCpuSeconds: settings.map(() => []) };
+  const client = server.client();
 
   // One untimed pass, so that the first timed run does not pay for cold caches alone.
   await timeCommand(redisCli, ['-p', String(server.port), '--rdb', referenceFile]);
@@ -275,6 +287,7 @@ async function measure(server: RedisServer, expectedKeys: number, runs: number, 
 
     const keysParts: string[] = [];
     for (const [index, setting] of settings.entries()) {
+      const serverCpuBefore = await serverCpuSeconds(client);
       const keys = await runChildScript('keys', [
         '--url', server.url,
         '--store', store,
@@ -282,10 +295,15 @@ async function measure(server: RedisServer, expectedKeys: number, runs: number, 
         '--batch-size', String(setting.batchSize),
         '--scan-count', String(setting.scanCount),
       ]);
+      const serverCpu = (await serverCpuSeconds(client)) - serverCpuBefore;
+      results.keysServerCpuSeconds[index].push(serverCpu);
       rmSync(store, { recursive: true, force: true });
       if (keys.keys !== expectedKeys) throw new Error(`dumpKeys (${describeSetting(setting)}) wrote ${keys.keys} records, expected ${expectedKeys}`);
       results.keys[index].push(keys);
-      keysParts.push(`dumpKeys ${setting.batchSize}:${setting.scanCount} ${keys.seconds.toFixed(2)} s (peak RSS ${formatMegabytes(keys.maxRssBytes)})`);
+      keysParts.push(
+        `dumpKeys ${setting.batchSize}:${setting.scanCount} ${keys.seconds.toFixed(2)} s ` +
+          `(child CPU ${(keys.cpuUserSeconds + keys.cpuSystemSeconds).toFixed(2)} s, Redis CPU ${serverCpu.toFixed(2)} s, peak RSS ${formatMegabytes(keys.maxRssBytes)})`,
+      );
     }
 
     console.log(
@@ -326,6 +344,9 @@ function printResults(results: Results, expectedKeys: number, settings: KeysSett
   console.log('(medians; ratio is against redis-cli --rdb; peak RSS is the maximum over the runs; MB = 10^6 bytes;');
   console.log(' dumpKeys BATCH:SCAN is dumpKeys with batchSize BATCH and scanCount SCAN;');
   console.log(' child times are measured around the call, without Node start-up, and include the SHA-256 digest and the fsync of LocalBlobStore)');
+  for (const [index, setting] of settings.entries()) {
+    console.log(`Redis server CPU during dumpKeys ${setting.batchSize}:${setting.scanCount} (median): ${median(results.keysServerCpuSeconds[index]).toFixed(2)} s`);
+  }
 
   console.log('');
   console.log(`${verdict(rdbRatio <= MAX_RDB_TIME_RATIO)}  dumpRdb time <= ${MAX_RDB_TIME_RATIO} x redis-cli --rdb FILE (same disk): ${rdbRatio.toFixed(3)}`);
@@ -342,8 +363,8 @@ async function runParent(argv: string[]): Promise<void> {
       keys: { type: 'string', default: '1000000' },
       runs: { type: 'string', default: '3' },
       directory: { type: 'string', default: os.tmpdir() },
-      // 100:1000 are the defaults of dumpKeys, stated here so that the output names them.
-      'keys-settings': { type: 'string', default: '100:1000' },
+      // 1000:1000 are the defaults of dumpKeys, stated here so that the output names them.
+      'keys-settings': { type: 'string', default: '1000:1000' },
     },
   });
   const keyCount = Number(values.keys);

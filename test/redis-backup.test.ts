@@ -44,6 +44,8 @@ for (const mode of ['rdb', 'keys'] as const) {
     const plan: Plan = {
       name: `redis-${mode}`,
       destination: { local: { path: folder } },
+      encryption: { unencrypted: true },
+      compression: { level: 0 },
       sources: { redis: [{ name: 'cache', url: redis.url, mode }] },
     };
     const result = await stack.backup(plan);

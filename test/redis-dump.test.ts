@@ -8,10 +8,11 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { Readable } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 import { after, before, test } from 'node:test';
 import type Redis from 'ioredis';
 import { dumpKeys, dumpRdb, RedisSyncRejectedError, restoreKeys } from '../activities/redis/dump';
+import type { BlobStore, PutOptions } from '../activities/storage/blob-store';
 import { LocalBlobStore } from '../activities/storage/local';
 import { runsDirectory } from './harness/process';
 import { startRedis, startRedisFromRdb, type RedisServer } from './harness/redis';
@@ -461,4 +462,105 @@ test('keys restore rejects truncated file', async () => {
   const target = await startRedis('redis-dump-truncated');
   servers.push(target);
   await assert.rejects(restoreKeys(Readable.from([whole.subarray(0, whole.length - 10)]), target.url), /truncated/);
+});
+
+/**
+ * Wraps the test store so that puts read slowly (`delayMs` per chunk), or
+ * fail once `failAfterBytes` bytes passed, like a slow or failing upload.
+ */
+function slowStore(inner: BlobStore, options: { delayMs: number; failAfterBytes?: number }): BlobStore {
+  return Object.assign(Object.create(inner) as BlobStore, {
+    put(key: string, body: Readable, putOptions?: PutOptions) {
+      let seen = 0;
+      const throttle = new Transform({
+        highWaterMark: 1,
+        transform(chunk: Buffer, _encoding, callback) {
+          seen += chunk.length;
+          if (options.failAfterBytes !== undefined && seen > options.failAfterBytes) {
+            callback(new Error(`upload failed after ${seen} bytes`));
+            return;
+          }
+          setTimeout(() => callback(null, chunk), options.delayMs);
+        },
+      });
+      body.on('error', (error) => throttle.destroy(error));
+      return inner.put(key, body.pipe(throttle), putOptions);
+    },
+  });
+}
+
+/** Fills database 0 of a fresh server with `count` strings of `valueBytes` random bytes each, which DUMP cannot compress. */
+async function fillStrings(server: RedisServer, count: number, valueBytes: number): Promise<Redis> {
+  const client = server.client();
+  for (let start = 0; start < count; start += 1000) {
+    const pipeline = client.pipeline();
+    for (let index = start; index < Math.min(start + 1000, count); index += 1) {
+      pipeline.set(`bulk:${index}`, randomBytes(valueBytes));
+    }
+    await pipeline.exec();
+  }
+  return client;
+}
+
+test('keys mode slow store round trip', async () => {
+  // About 20 MB of records in 1 MB chunks, each held 100 ms by the store:
+  // the output buffer fills, so the dump has to pause reading from Redis
+  // while the store catches up.
+  const server = await startRedis('redis-dump-slow-store');
+  servers.push(server);
+  const client = await fillStrings(server, 10_000, 2000);
+  const key = 'keys/slow.keys';
+  const result = await dumpKeys({ url: server.url, source: 'slow', store: slowStore(store, { delayMs: 100 }), key });
+  assert.deepEqual(result.records, { '0': 10_000 });
+  assert.ok(result.size > 20_000_000, `keys file of ${result.size} bytes`);
+  const file = readFileSync(storedFile(key));
+  assert.equal(result.sha256, digest(file));
+
+  const restored = await startRedis('redis-dump-slow-store-restored');
+  servers.push(restored);
+  await restoreKeys(await store.get(key), restored.url);
+  const restoredClient = restored.client();
+  assert.equal(await restoredClient.dbsize(), 10_000);
+  for (const index of [0, 1, 5_000, 9_999]) {
+    assert.ok((await restoredClient.getBuffer(`bulk:${index}`))!.equals((await client.getBuffer(`bulk:${index}`))!), `value of bulk:${index}`);
+  }
+});
+
+test('keys mode failed store leaves nothing', async () => {
+  const server = await startRedis('redis-dump-failed-store');
+  servers.push(server);
+  await fillStrings(server, 10_000, 2000);
+  const key = 'keys/failed.keys';
+  await assert.rejects(
+    dumpKeys({ url: server.url, source: 'failing', store: slowStore(store, { delayMs: 1, failAfterBytes: 8_000_000 }), key }),
+    /upload failed after \d+ bytes/,
+  );
+  assert.equal(await store.stat(key), undefined);
+  assert.deepEqual(entriesBeside(key).filter((name) => name.startsWith('failed.keys')), []);
+  // The server has no client left over from the failed dump.
+  const clients = (await server.client().client('LIST')) as string;
+  assert.equal(clients.trim().split('\n').length, 2, clients);
+});
+
+test('keys mode abort leaves nothing', async () => {
+  const server = await startRedis('redis-dump-keys-abort');
+  servers.push(server);
+  await fillStrings(server, 5_000, 2000);
+  const controller = new AbortController();
+  const key = 'keys/aborted.keys';
+  await assert.rejects(
+    dumpKeys({
+      url: server.url,
+      source: 'cache',
+      store,
+      key,
+      signal: controller.signal,
+      onProgress: (bytes) => {
+        if (bytes > 1024 * 1024) controller.abort();
+      },
+    }),
+  );
+  assert.ok(controller.signal.aborted, 'the dump was aborted part way');
+  assert.equal(await store.stat(key), undefined);
+  assert.deepEqual(entriesBeside(key).filter((name) => name.startsWith('aborted.keys')), []);
 });

@@ -7,12 +7,14 @@
 // arrives either as `$<length>\r\n` followed by exactly that many bytes
 // (disk-based replication), or, with diskless replication, as
 // `$EOF:<40-byte mark>\r\n` followed by the RDB and then the mark itself. The
-// bytes stream into the store through a DigestStream, so memory stays bounded
-// by the socket and stream buffers whatever the RDB's size.
+// bytes stream into the store in chunks of about 1 MB, hashed on the way, so
+// memory stays bounded by the socket and stream buffers whatever the RDB's size.
 //
 // dumpKeys serves servers that reject SYNC (SYNC renamed, as on many managed
 // services). It walks every logical database with SCAN and stores each key's
-// DUMP payload and remaining TTL in the format below. The result is NOT a
+// DUMP payload and remaining TTL in the format below, over a pipelined RESP
+// connection (pipeline.ts) that keeps the next round of commands queued at the
+// server while this process encodes the replies of the current one. The result is NOT a
 // point-in-time snapshot: keys written, deleted or expiring while the scan
 // runs may or may not be in it, and keys of different batches are read at
 // different times. restoreKeys loads such a file into a server with RESTORE.
@@ -40,16 +42,20 @@
 // file without a trailer is incomplete. A DUMP payload carries its RDB
 // version and a CRC64, and RESTORE rejects payloads from a newer RDB version
 // than the target server's.
+import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { PassThrough, Readable, type Writable } from 'node:stream';
 import Redis from 'ioredis';
 import { DigestStream } from '../digest';
+import { encodeCommand, PipelinedRedisConnection, RedisErrorReply, type ReplyHandler } from './pipeline';
 import type { BlobStore } from '../storage/blob-store';
 
 /** Length of the end-of-RDB mark of diskless replication (CONFIG_RUN_ID_SIZE in Redis). */
 const EOF_MARK_LENGTH = 40;
-/** Largest chunk handed to the store at once. */
+/** Largest chunk read from the connection at once. */
 const READ_CHUNK_BYTES = 64 * 1024;
+/** Chunks of at least this size go to the store, except the last. */
+const RDB_WRITE_CHUNK_BYTES = 1024 * 1024;
 /** The socket is paused while this many received bytes wait to be consumed. */
 const SOCKET_HIGH_WATER_BYTES = 1024 * 1024;
 /** Longest reply line accepted before the RDB body (status, error and bulk-length lines). */
@@ -97,7 +103,10 @@ export interface RedisDumpResult {
 export interface KeysDumpOptions extends RedisDumpOptions {
   /** COUNT hint of each SCAN call (default 1000). */
   scanCount?: number;
-  /** Keys per DUMP + PTTL pipeline (default 100). Peak memory is about this many times the largest DUMP payload. */
+  /**
+   * Maximum keys per round of PTTL + DUMP commands sent in one write (default
+   * 1000). Rounds shrink below it when records are large (TARGET_BYTES_IN_FLIGHT).
+   */
   batchSize?: number;
   /** Awaited after each SCAN call with the keys it returned, before they are dumped. */
   onScanBatch?(db: number, keys: Buffer[]): void | Promise<void>;
@@ -129,7 +138,7 @@ class RedisReplyError extends Error {
   }
 }
 
-interface RedisTarget {
+export interface RedisTarget {
   host: string;
   port: number;
   username?: string;
@@ -138,7 +147,7 @@ interface RedisTarget {
   address: string;
 }
 
-function parseRedisUrl(url: string, password?: string): RedisTarget {
+export function parseRedisUrl(url: string, password?: string): RedisTarget {
   let parsed: URL;
   try {
     parsed = new URL(url);
@@ -160,16 +169,6 @@ function parseRedisUrl(url: string, password?: string): RedisTarget {
     password: password ?? (parsed.password ? decodeURIComponent(parsed.password) : undefined),
     address: `${parsed.hostname}:${port}`,
   };
-}
-
-/** Encodes a command as a RESP array of bulk strings. */
-function encodeCommand(args: (string | Buffer)[]): Buffer {
-  const parts: Buffer[] = [Buffer.from(`*${args.length}\r\n`)];
-  for (const arg of args) {
-    const bytes = typeof arg === 'string' ? Buffer.from(arg, 'utf8') : arg;
-    parts.push(Buffer.from(`$${bytes.length}\r\n`), bytes, Buffer.from('\r\n'));
-  }
-  return Buffer.concat(parts);
 }
 
 /**
@@ -344,7 +343,7 @@ export function parseKeyspace(info: string): Record<string, number> {
   return keyspace;
 }
 
-function sourceLabel(source: string, target: RedisTarget): string {
+export function sourceLabel(source: string, target: RedisTarget): string {
   return `Redis source "${source}" (${target.address})`;
 }
 
@@ -404,14 +403,10 @@ export async function dumpRdb(options: RdbDumpOptions): Promise<RedisDumpResult>
       }
 
       const checked = checkRdbMagic();
-      if (header.startsWith('$EOF:')) {
-        const mark = Buffer.from(header.slice(5), 'latin1');
-        if (mark.length !== EOF_MARK_LENGTH) throw new Error(`invalid end-of-RDB mark in SYNC reply ${JSON.stringify(header)}`);
-        for await (const chunk of readUntilMark(connection, mark)) yield checked(chunk);
-      } else {
-        const length = Number(header.slice(1));
-        if (!Number.isSafeInteger(length) || length < 0) throw new Error(`invalid RDB length in SYNC reply ${JSON.stringify(header)}`);
-        for await (const chunk of readLength(connection, length)) yield checked(chunk);
+      const chunks = header.startsWith('$EOF:') ? readUntilMark(connection, endMark(header)) : readLength(connection, rdbLength(header));
+      for await (const chunk of coalesce(chunks, RDB_WRITE_CHUNK_BYTES)) {
+        hash.update(checked(chunk));
+        yield chunk;
       }
       checked(Buffer.alloc(0), true);
     } catch (error) {
@@ -422,27 +417,59 @@ export async function dumpRdb(options: RdbDumpOptions): Promise<RedisDumpResult>
     }
   }
 
+  // The digest is computed in the generator rather than in a Transform
+  // stream, which saves one stream hop per chunk. Readable.from starts the
+  // generator only when put() reads, so nothing fails before put() listens.
+  const hash = createHash('sha256');
   const body = Readable.from(rdbBytes(), { objectMode: false });
-  const digest = new DigestStream();
-  // The pipe starts reading before put() attaches its own listeners. Without
-  // this listener an early failure (a refused connection, a wrong password)
-  // would be an unhandled 'error' event. put() still rejects with the error.
-  digest.on('error', () => undefined);
-  body.on('error', (error) => digest.destroy(error));
-  body.pipe(digest);
   try {
-    const { size } = await options.store.put(options.key, digest, {
+    const { size } = await options.store.put(options.key, body, {
       contentType: 'application/octet-stream',
       signal: options.signal,
       onProgress: options.onProgress,
     });
-    return { size, sha256: digest.digest(), redisVersion, keyspace };
+    return { size, sha256: hash.digest('hex'), redisVersion, keyspace };
   } catch (error) {
     body.destroy();
     throw failure ?? error;
   } finally {
     options.signal?.removeEventListener('abort', onAbort);
   }
+}
+
+/**
+ * Joins chunks until at least `minBytes` are collected, then yields them as
+ * one buffer, and yields the rest at the end. The socket delivers chunks of
+ * about 16 to 64 KB, and each chunk costs a stream hop, a digest call and a
+ * file write downstream, so one copy into larger chunks is cheaper.
+ */
+async function* coalesce(chunks: AsyncIterable<Buffer>, minBytes: number): AsyncGenerator<Buffer> {
+  let parts: Buffer[] = [];
+  let collected = 0;
+  for await (const chunk of chunks) {
+    parts.push(chunk);
+    collected += chunk.length;
+    if (collected >= minBytes) {
+      yield parts.length === 1 ? parts[0] : Buffer.concat(parts, collected);
+      parts = [];
+      collected = 0;
+    }
+  }
+  if (collected > 0) yield parts.length === 1 ? parts[0] : Buffer.concat(parts, collected);
+}
+
+/** Returns the end-of-RDB mark of a `$EOF:<mark>` SYNC reply. */
+function endMark(header: string): Buffer {
+  const mark = Buffer.from(header.slice(5), 'latin1');
+  if (mark.length !== EOF_MARK_LENGTH) throw new Error(`invalid end-of-RDB mark in SYNC reply ${JSON.stringify(header)}`);
+  return mark;
+}
+
+/** Returns the RDB length of a `$<length>` SYNC reply. */
+function rdbLength(header: string): number {
+  const length = Number(header.slice(1));
+  if (!Number.isSafeInteger(length) || length < 0) throw new Error(`invalid RDB length in SYNC reply ${JSON.stringify(header)}`);
+  return length;
 }
 
 /** Yields exactly `length` bytes and fails when the connection ends before them. */
@@ -457,27 +484,51 @@ async function* readLength(connection: RawRedisConnection, length: number): Asyn
 }
 
 /**
- * Yields the bytes before `mark`. The last EOF_MARK_LENGTH - 1 bytes are held
- * back until more arrive, because they may be the start of the mark.
+ * Yields the bytes before `mark`. Each received chunk is held back until the
+ * next one arrives, because the mark may start in it. The chunks are yielded
+ * as they were received: only the at most 2 * (EOF_MARK_LENGTH - 1) bytes
+ * around each chunk boundary are copied to search for a mark that straddles
+ * it.
  */
 async function* readUntilMark(connection: RawRedisConnection, mark: Buffer): AsyncGenerator<Buffer> {
-  let tail = Buffer.alloc(0);
+  let heldBack: Buffer = Buffer.alloc(0);
   let total = 0;
   for (;;) {
     const chunk = await connection.read(READ_CHUNK_BYTES);
-    if (chunk === null) throw new Error(`connection closed after ${total} RDB bytes, before the end-of-RDB mark`);
-    const window = tail.length > 0 ? Buffer.concat([tail, chunk]) : chunk;
-    const at = window.indexOf(mark);
-    if (at >= 0) {
-      if (at > 0) yield window.subarray(0, at);
+    if (chunk === null) throw new Error(`connection closed after ${total + heldBack.length} RDB bytes, before the end-of-RDB mark`);
+    if (heldBack.length < EOF_MARK_LENGTH || chunk.length < EOF_MARK_LENGTH) {
+      // Small pieces are joined, so the boundary search below always has a
+      // whole mark's length on both sides.
+      heldBack = Buffer.concat([heldBack, chunk]);
+      const at = heldBack.indexOf(mark);
+      if (at >= 0) {
+        if (at > 0) yield heldBack.subarray(0, at);
+        return;
+      }
+      if (heldBack.length > READ_CHUNK_BYTES) {
+        // Many small pieces in a row: pass on all but a possible mark start.
+        const keep = EOF_MARK_LENGTH - 1;
+        yield heldBack.subarray(0, heldBack.length - keep);
+        total += heldBack.length - keep;
+        heldBack = Buffer.from(heldBack.subarray(heldBack.length - keep));
+      }
+      continue;
+    }
+    const heldTail = heldBack.subarray(heldBack.length - (EOF_MARK_LENGTH - 1));
+    const boundary = Buffer.concat([heldTail, chunk.subarray(0, EOF_MARK_LENGTH - 1)]);
+    const straddling = boundary.indexOf(mark);
+    if (straddling >= 0) {
+      yield heldBack.subarray(0, heldBack.length - heldTail.length + straddling);
       return;
     }
-    const keep = Math.min(EOF_MARK_LENGTH - 1, window.length);
-    if (window.length > keep) {
-      total += window.length - keep;
-      yield window.subarray(0, window.length - keep);
+    const at = chunk.indexOf(mark);
+    yield heldBack;
+    total += heldBack.length;
+    if (at >= 0) {
+      if (at > 0) yield chunk.subarray(0, at);
+      return;
     }
-    tail = Buffer.from(window.subarray(window.length - keep));
+    heldBack = chunk;
   }
 }
 
@@ -498,7 +549,7 @@ function checkRdbMagic(): (chunk: Buffer, end?: boolean) => Buffer {
 }
 
 /** Opens an ioredis connection that fails fast instead of reconnecting: the activity's retry policy owns retries. */
-async function openClient(target: RedisTarget, label: string): Promise<Redis> {
+export async function openClient(target: RedisTarget, label: string): Promise<Redis> {
   const client = new Redis({
     host: target.host,
     port: target.port,
@@ -564,6 +615,261 @@ function keyRecordHead(db: number, key: Buffer, pttl: number, payloadLength: num
   return head;
 }
 
+/** Size of the buffers that key records are encoded into before they go to the output stream. */
+const OUTPUT_CHUNK_BYTES = 1024 * 1024;
+/** The output stream buffers up to this many bytes; beyond it the connection stops reading until 'drain'. */
+const OUTPUT_HIGH_WATER_BYTES = 4 * 1024 * 1024;
+/**
+ * Target for the reply bytes of DUMP commands sent but not yet read: the
+ * server keeps them in its output buffer while this process is paused. The
+ * keys per round follow from the average record size seen so far, so this is
+ * an estimate, not a hard limit.
+ */
+const TARGET_BYTES_IN_FLIGHT = 32 * 1024 * 1024;
+/** Keys in the first round of a database, before any record size is known. */
+const INITIAL_ROUND_KEYS = 64;
+/**
+ * Rounds of PTTL + DUMP sent and not yet fully read: one being read, the
+ * others queued at the server, so Redis has work while this process catches up.
+ */
+const MAX_ROUNDS_IN_FLIGHT = 3;
+/** Bytes of a key record besides the key and the payload: tag, db, key length, TTL, payload length. */
+const RECORD_FIXED_BYTES = 1 + 4 + 4 + 8 + 8;
+const PTTL_PREFIX = Buffer.from('*2\r\n$4\r\nPTTL\r\n$', 'latin1');
+const DUMP_PREFIX = Buffer.from('*2\r\n$4\r\nDUMP\r\n$', 'latin1');
+
+/** Writes a signed 64-bit big-endian integer, two's complement, for integers within ±2^53 and without a BigInt. */
+function writeInt64(buffer: Buffer, value: number, offset: number): void {
+  const high = Math.floor(value / 0x1_0000_0000);
+  buffer.writeInt32BE(high, offset);
+  buffer.writeUInt32BE(value - high * 0x1_0000_0000, offset + 4);
+}
+
+/**
+ * Encodes key records into large chunks and writes them to the output. When
+ * the output's buffer is full it pauses the connection until 'drain', so the
+ * memory this process uses for records stays near OUTPUT_HIGH_WATER_BYTES
+ * plus one chunk, whatever the number of keys in flight.
+ */
+class RecordWriter {
+  private chunk = Buffer.allocUnsafe(OUTPUT_CHUNK_BYTES);
+  private used = 0;
+  private waitingForDrain = false;
+
+  constructor(
+    private readonly output: Writable,
+    private readonly connection: PipelinedRedisConnection,
+  ) {}
+
+  add(db: number, key: Buffer, pttl: number, payload: Buffer): void {
+    const total = RECORD_FIXED_BYTES + key.length + payload.length;
+    if (this.used + total > this.chunk.length) this.flush();
+    if (total > this.chunk.length) {
+      // A large record goes out as it is. The payload is a subarray of a
+      // received chunk, which nothing else writes to.
+      this.write(keyRecordHead(db, key, pttl, payload.length));
+      this.write(payload);
+      return;
+    }
+    const chunk = this.chunk;
+    let offset = this.used;
+    chunk[offset] = TAG_KEY;
+    chunk.writeUInt32BE(db, offset + 1);
+    chunk.writeUInt32BE(key.length, offset + 5);
+    offset += 9;
+    offset += key.copy(chunk, offset);
+    writeInt64(chunk, pttl, offset);
+    writeInt64(chunk, payload.length, offset + 8);
+    offset += 16;
+    offset += payload.copy(chunk, offset);
+    this.used = offset;
+  }
+
+  flush(): void {
+    if (this.used === 0) return;
+    this.write(this.chunk.subarray(0, this.used));
+    this.chunk = Buffer.allocUnsafe(OUTPUT_CHUNK_BYTES);
+    this.used = 0;
+  }
+
+  private write(bytes: Buffer): void {
+    if (this.output.write(bytes) || this.waitingForDrain) return;
+    this.waitingForDrain = true;
+    this.connection.pauseReading();
+    this.output.once('drain', () => {
+      this.waitingForDrain = false;
+      this.connection.resumeReading();
+    });
+  }
+}
+
+/** Returns the number of decimal digits of a non-negative integer. */
+function decimalDigits(value: number): number {
+  let digits = 1;
+  for (let rest = value; rest >= 10; rest = Math.floor(rest / 10)) digits += 1;
+  return digits;
+}
+
+/** Writes `value` in decimal ASCII at `offset` and returns the offset after it. */
+function writeDecimal(buffer: Buffer, value: number, offset: number): number {
+  const end = offset + decimalDigits(value);
+  let rest = value;
+  for (let position = end - 1; position >= offset; position -= 1) {
+    buffer[position] = 0x30 + (rest % 10);
+    rest = Math.floor(rest / 10);
+  }
+  return end;
+}
+
+/** Encodes `first` (when given), then PTTL and DUMP of each key, as one buffer for one write. */
+function encodeRound(first: Buffer | undefined, keys: Buffer[]): Buffer {
+  let size = first?.length ?? 0;
+  for (const key of keys) size += 2 * (PTTL_PREFIX.length + decimalDigits(key.length) + key.length + 4);
+  const commands = Buffer.allocUnsafe(size);
+  let offset = first ? first.copy(commands, 0) : 0;
+  for (const key of keys) {
+    for (const prefix of [PTTL_PREFIX, DUMP_PREFIX]) {
+      offset += prefix.copy(commands, offset);
+      offset = writeDecimal(commands, key.length, offset);
+      commands[offset] = 0x0d;
+      commands[offset + 1] = 0x0a;
+      offset += 2;
+      offset += key.copy(commands, offset);
+      commands[offset] = 0x0d;
+      commands[offset + 1] = 0x0a;
+      offset += 2;
+    }
+  }
+  return commands;
+}
+
+/** Formats a key name for messages: printable ASCII as it is, anything else as hex. */
+function describeKey(key: Buffer): string {
+  return /^[\x20-\x7e]*$/.test(key.toString('latin1')) ? JSON.stringify(key.toString('latin1')) : `0x${key.toString('hex')}`;
+}
+
+interface DatabaseDump {
+  records: number;
+  expiredSkipped: number;
+}
+
+/**
+ * Dumps one logical database, already selected on `connection`, in rounds.
+ * Each round is one write: SCAN for the next cursor first, then PTTL and DUMP
+ * of the keys the previous SCAN returned. As soon as a round's SCAN reply
+ * arrives the next round is sent, so the server works on it while this
+ * process encodes the replies of the current one. At most
+ * MAX_ROUNDS_IN_FLIGHT rounds are outstanding.
+ */
+async function dumpDatabase(
+  connection: PipelinedRedisConnection,
+  writer: RecordWriter,
+  db: number,
+  options: { scanCount: number; batchSize: number; onScanBatch?: KeysDumpOptions['onScanBatch'] },
+): Promise<DatabaseDump> {
+  const result: DatabaseDump = { records: 0, expiredSkipped: 0 };
+  const scanCount = String(options.scanCount);
+  let recordBytes = 0;
+  let pending: Buffer[] = [];
+  let pendingIndex = 0;
+  let cursor = '0';
+  let scanDone = false;
+  let roundKeys = Math.min(options.batchSize, INITIAL_ROUND_KEYS);
+  const rounds: Array<Promise<void>> = [];
+
+  const sendRound = (scanCursor: string | undefined, keys: Buffer[]): Promise<[string, Buffer[]]> | undefined => {
+    let scanCommand: Buffer | undefined;
+    let scanReply: Promise<[string, Buffer[]]> | undefined;
+    const handlers: ReplyHandler[] = [];
+    if (scanCursor !== undefined) {
+      scanCommand = encodeCommand(['SCAN', scanCursor, 'COUNT', scanCount]);
+      scanReply = new Promise((resolve, reject) => {
+        handlers.push({
+          remaining: 1,
+          onReply: (reply) => {
+            if (reply instanceof RedisErrorReply) {
+              reject(new Error(`SCAN in db ${db} failed: ${reply.message}`));
+              return;
+            }
+            const [next, found] = reply as [Buffer, Buffer[]];
+            resolve([next.toString('latin1'), found]);
+          },
+          onError: reject,
+        });
+      });
+    }
+    if (keys.length > 0) {
+      let keyIndex = 0;
+      let pttl = 0;
+      const round = new Promise<void>((resolve, reject) => {
+        const handler: ReplyHandler = {
+          remaining: 2 * keys.length,
+          onReply: (reply) => {
+            const isPttl = handler.remaining % 2 === 1;
+            if (reply instanceof RedisErrorReply) {
+              // NOTE: in a cluster, a key of a slot that is migrating away
+              // returns -ASK here, and the dump fails and is retried.
+              const command = isPttl ? 'PTTL' : 'DUMP';
+              connection.close(new Error(`${command} of key ${describeKey(keys[keyIndex])} in db ${db} failed: ${reply.message}`));
+              return;
+            }
+            if (isPttl) {
+              pttl = reply as number;
+              return;
+            }
+            const key = keys[keyIndex];
+            keyIndex += 1;
+            // PTTL -2 or a nil DUMP: the key expired or was deleted after SCAN returned it.
+            if (pttl === -2 || reply === null) {
+              result.expiredSkipped += 1;
+            } else {
+              const payload = reply as Buffer;
+              writer.add(db, key, pttl, payload);
+              result.records += 1;
+              recordBytes += RECORD_FIXED_BYTES + key.length + payload.length;
+            }
+            if (handler.remaining === 0) resolve();
+          },
+          onError: reject,
+        };
+        handlers.push(handler);
+      });
+      // A failed round also fails the connection, and with it the SCAN reply
+      // or the round that the loop awaits next, so this rejection is reported there.
+      round.catch(() => undefined);
+      rounds.push(round);
+    }
+    connection.send(encodeRound(scanCommand, keys), ...handlers);
+    return scanReply;
+  };
+
+  let scanReply = sendRound(cursor, []);
+  for (;;) {
+    if (scanReply) {
+      const [next, found] = await scanReply;
+      cursor = next;
+      scanDone = cursor === '0';
+      await options.onScanBatch?.(db, found);
+      pending = pendingIndex > 0 ? pending.slice(pendingIndex).concat(found) : pending.concat(found);
+      pendingIndex = 0;
+    }
+    const remaining = pending.length - pendingIndex;
+    if (remaining === 0 && scanDone) break;
+    while (rounds.length >= MAX_ROUNDS_IN_FLIGHT) await rounds.shift();
+    if (result.records > 0) {
+      const averageRecordBytes = recordBytes / result.records;
+      roundKeys = Math.max(1, Math.min(options.batchSize, Math.floor(TARGET_BYTES_IN_FLIGHT / MAX_ROUNDS_IN_FLIGHT / averageRecordBytes)));
+    }
+    const take = Math.min(remaining, roundKeys);
+    const keys = pending.slice(pendingIndex, pendingIndex + take);
+    pendingIndex += take;
+    const scanNext = !scanDone && remaining - take < roundKeys;
+    scanReply = sendRound(scanNext ? cursor : undefined, keys);
+  }
+  for (const round of rounds) await round;
+  return result;
+}
+
 /**
  * Stores every key of every logical database in the keys format (see the top
  * of this file). Not point-in-time. Keys that vanish between SCAN and DUMP
@@ -573,12 +879,12 @@ export async function dumpKeys(options: KeysDumpOptions): Promise<KeysDumpResult
   const target = parseRedisUrl(options.url, options.password);
   const label = sourceLabel(options.source, target);
   const scanCount = options.scanCount ?? 1000;
-  const batchSize = options.batchSize ?? 100;
-  const client = await openClient(target, label);
-  const onAbort = (): void => client.disconnect();
+  const batchSize = options.batchSize ?? 1000;
+  let connection: PipelinedRedisConnection | undefined;
+  const onAbort = (): void => connection?.close(new Error('the dump was cancelled by its abort signal'));
   options.signal?.addEventListener('abort', onAbort, { once: true });
 
-  const output = new PassThrough();
+  const output = new PassThrough({ highWaterMark: OUTPUT_HIGH_WATER_BYTES });
   const digest = new DigestStream();
   // As in dumpRdb: a failure before put() attaches its listeners must not be an unhandled 'error' event.
   digest.on('error', () => undefined);
@@ -590,8 +896,19 @@ export async function dumpKeys(options: KeysDumpOptions): Promise<KeysDumpResult
   let keyspace: Record<string, number> = {};
 
   const produce = async (): Promise<void> => {
-    redisVersion = parseRedisVersion(await client.info('server'));
-    keyspace = parseKeyspace(await client.info('keyspace'));
+    connection = await PipelinedRedisConnection.connect(target.host, target.port, 'the server', DEFAULT_CONNECT_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS);
+    const open = connection;
+    if (options.signal?.aborted) throw new Error('the dump was cancelled by its abort signal');
+    // A failed put closes the output; a connection paused for 'drain' would wait forever.
+    output.once('close', () => open.close(new Error('the output stream was closed')));
+    if (target.password !== undefined) {
+      const credentials = target.username ? [target.username, target.password] : [target.password];
+      await open.command(['AUTH', ...credentials]).catch((error: Error) => {
+        throw new Error(`authentication failed: ${error.message}`);
+      });
+    }
+    redisVersion = parseRedisVersion(String(await open.command(['INFO', 'server'])));
+    keyspace = parseKeyspace(String(await open.command(['INFO', 'keyspace'])));
     await writeChunk(output, KEYS_FORMAT_MAGIC);
     await writeChunk(
       output,
@@ -605,38 +922,15 @@ export async function dumpKeys(options: KeysDumpOptions): Promise<KeysDumpResult
       }),
     );
 
+    const writer = new RecordWriter(output, open);
     const databases = Object.keys(keyspace).map(Number).sort((a, b) => a - b);
     for (const db of databases) {
-      await client.select(db);
-      records[db] = 0;
-      let cursor = '0';
-      do {
-        const [next, keys] = await client.scanBuffer(cursor, 'COUNT', scanCount);
-        cursor = next.toString('latin1');
-        await options.onScanBatch?.(db, keys);
-        for (let start = 0; start < keys.length; start += batchSize) {
-          const batch = keys.slice(start, start + batchSize);
-          const pipeline = client.pipeline();
-          for (const key of batch) pipeline.pttl(key).dumpBuffer(key);
-          const replies = (await pipeline.exec()) ?? [];
-          for (let index = 0; index < batch.length; index += 1) {
-            const [pttlError, pttl] = replies[2 * index] ?? [new Error('missing PTTL reply'), null];
-            const [dumpError, payload] = replies[2 * index + 1] ?? [new Error('missing DUMP reply'), null];
-            if (pttlError) throw pttlError;
-            if (dumpError) throw dumpError;
-            // PTTL -2 or a nil DUMP: the key expired or was deleted after SCAN returned it.
-            if (pttl === -2 || payload === null) {
-              expiredSkipped += 1;
-              continue;
-            }
-            const payloadBytes = payload as Buffer;
-            await writeChunk(output, keyRecordHead(db, batch[index], pttl as number, payloadBytes.length));
-            await writeChunk(output, payloadBytes);
-            records[db] += 1;
-          }
-        }
-      } while (cursor !== '0');
+      await open.command(['SELECT', String(db)]);
+      const dumped = await dumpDatabase(open, writer, db, { scanCount, batchSize, onScanBatch: options.onScanBatch });
+      records[db] = dumped.records;
+      expiredSkipped += dumped.expiredSkipped;
     }
+    writer.flush();
 
     await writeChunk(output, jsonRecord(TAG_TRAILER, { records, expiredSkipped, completedAt: new Date().toISOString() }));
     output.end();
@@ -657,12 +951,15 @@ export async function dumpKeys(options: KeysDumpOptions): Promise<KeysDumpResult
     if (failure) throw failure;
     return { size, sha256: digest.digest(), redisVersion, keyspace, records, expiredSkipped };
   } catch (error) {
+    // When the put failed first, its error names the cause, and the producer
+    // then fails only because the output closed.
+    const producerFailedFirst = failure !== undefined;
     output.destroy();
     await producing;
-    throw failure ?? error;
+    throw producerFailedFirst ? failure! : error;
   } finally {
     options.signal?.removeEventListener('abort', onAbort);
-    client.disconnect();
+    connection?.close();
   }
 }
 
