@@ -42,6 +42,33 @@ export interface BlobStore {
 
   /** Deletes an object; deleting a missing key is not an error. */
   delete(key: string): Promise<void>;
+
+  /** Deletes every object under `prefix` (which ends with "/") and returns how many there were. */
+  deleteFolder?(prefix: string): Promise<number>;
+
+  /** Deletes many objects in few requests; missing keys are not an error. */
+  deleteMany?(keys: readonly string[]): Promise<void>;
+
+  /** Lists the objects whose key starts with `prefix` and sorts after `startAfter`, in key order. */
+  listAfter?(prefix: string, startAfter: string): AsyncIterable<StoredObject>;
+
+  /**
+   * Lists uploads under `prefix` that started and never finished: S3
+   * multipart uploads, or the temporary files of a local put.
+   */
+  listUnfinishedUploads?(prefix: string): AsyncIterable<UnfinishedUpload>;
+
+  /** Discards an unfinished upload and the parts it stored. */
+  abortUpload?(upload: UnfinishedUpload): Promise<void>;
+}
+
+export interface UnfinishedUpload {
+  /** The key the upload would have created. */
+  key: string;
+  /** S3 upload id, or the name of a local temporary file. */
+  uploadId: string;
+  /** When the upload started (S3) or was last written (local). */
+  initiated?: Date;
 }
 
 /** A pass-through stream that counts bytes and reports the running total, for puts. */

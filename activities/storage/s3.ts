@@ -3,9 +3,12 @@
 // Credentials come from the AWS SDK's default chain (environment, shared
 // config and credentials files, web identity, container and instance roles).
 import {
+  AbortMultipartUploadCommand,
   DeleteObjectCommand,
+  DeleteObjectsCommand,
   GetObjectCommand,
   HeadObjectCommand,
+  ListMultipartUploadsCommand,
   ListObjectsV2Command,
   NoSuchKey,
   NotFound,
@@ -13,7 +16,15 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { pipeline, type Readable } from 'node:stream';
-import { ByteCounter, checkKey, ObjectNotFoundError, type BlobStore, type PutOptions, type StoredObject } from './blob-store';
+import {
+  ByteCounter,
+  checkKey,
+  ObjectNotFoundError,
+  type BlobStore,
+  type PutOptions,
+  type StoredObject,
+  type UnfinishedUpload,
+} from './blob-store';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -29,6 +40,11 @@ export interface S3StoreOptions {
   /** Parts uploaded at once. @default 2 */
   queueSize?: number;
 }
+
+/** Keys per DeleteObjects request: the S3 maximum. */
+const DELETE_OBJECTS_MAX = 1000;
+/** DeleteObjects requests in flight at once in deleteMany. */
+const DELETE_REQUESTS_IN_FLIGHT = 4;
 
 export class S3BlobStore implements BlobStore {
   readonly description: string;
@@ -155,5 +171,94 @@ export class S3BlobStore implements BlobStore {
 
   async delete(key: string): Promise<void> {
     await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: this.objectKey(key) }));
+  }
+
+  /** Deletes the objects under `prefix` with DeleteObjects. */
+  async deleteFolder(prefix: string): Promise<number> {
+    checkKey(prefix.replace(/\/$/, ''));
+    const keys: string[] = [];
+    let count = 0;
+    for await (const object of this.list(prefix.endsWith('/') ? prefix : `${prefix}/`)) {
+      keys.push(object.key);
+      count++;
+      if (keys.length === DELETE_OBJECTS_MAX) await this.deleteMany(keys.splice(0));
+    }
+    await this.deleteMany(keys);
+    return count;
+  }
+
+  /** Deletes objects with DeleteObjects, 1,000 keys a request (the S3 maximum) and up to 4 requests at once. */
+  async deleteMany(keys: readonly string[]): Promise<void> {
+    const batches: string[][] = [];
+    for (let start = 0; start < keys.length; start += DELETE_OBJECTS_MAX) batches.push(keys.slice(start, start + DELETE_OBJECTS_MAX));
+    let next = 0;
+    const lanes = Array.from({ length: Math.min(DELETE_REQUESTS_IN_FLIGHT, batches.length) }, async () => {
+      while (next < batches.length) await this.deleteBatch(batches[next++]);
+    });
+    await Promise.all(lanes);
+  }
+
+  private async deleteBatch(batch: readonly string[]): Promise<void> {
+    const response = await this.client.send(
+      new DeleteObjectsCommand({
+        Bucket: this.bucket,
+        Delete: { Objects: batch.map((key) => ({ Key: this.objectKey(key) })), Quiet: true },
+      }),
+    );
+    const failed = response.Errors ?? [];
+    if (failed.length > 0) {
+      const first = failed[0];
+      throw new Error(
+        `delete of ${failed.length} of ${batch.length} objects in ${this.description} failed, ` +
+          `such as ${first.Key}: ${first.Code} ${first.Message ?? ''}`.trim(),
+      );
+    }
+  }
+
+  async *listAfter(prefix: string, startAfter: string): AsyncIterable<StoredObject> {
+    let token: string | undefined;
+    do {
+      const page = await this.client.send(
+        new ListObjectsV2Command({
+          Bucket: this.bucket,
+          Prefix: this.prefix + prefix,
+          StartAfter: token ? undefined : this.prefix + startAfter,
+          ContinuationToken: token,
+        }),
+      );
+      for (const item of page.Contents ?? []) {
+        if (!item.Key) continue;
+        yield { key: item.Key.slice(this.prefix.length), size: item.Size ?? 0, lastModified: item.LastModified };
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async *listUnfinishedUploads(prefix: string): AsyncIterable<UnfinishedUpload> {
+    let keyMarker: string | undefined;
+    let uploadIdMarker: string | undefined;
+    for (;;) {
+      const page = await this.client.send(
+        new ListMultipartUploadsCommand({
+          Bucket: this.bucket,
+          Prefix: this.prefix + prefix,
+          KeyMarker: keyMarker,
+          UploadIdMarker: uploadIdMarker,
+        }),
+      );
+      for (const upload of page.Uploads ?? []) {
+        if (!upload.Key || !upload.UploadId) continue;
+        yield { key: upload.Key.slice(this.prefix.length), uploadId: upload.UploadId, initiated: upload.Initiated };
+      }
+      if (!page.IsTruncated) return;
+      keyMarker = page.NextKeyMarker;
+      uploadIdMarker = page.NextUploadIdMarker;
+    }
+  }
+
+  async abortUpload(upload: UnfinishedUpload): Promise<void> {
+    await this.client.send(
+      new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: this.objectKey(upload.key), UploadId: upload.uploadId }),
+    );
   }
 }
