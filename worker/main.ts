@@ -4,14 +4,19 @@
 import { DefaultLogger, makeTelemetryFilterString, NativeConnection, Runtime, Worker, type LogEntry } from '@temporalio/worker';
 import type { Duration } from '@temporalio/common';
 import * as activities from '../activities';
+import { reapDrillLeftovers } from '../activities/drill/scratch';
 import { logger } from '../activities/logging';
+import { metricsTelemetryOptions, startProjectMetrics, METRICS_ADDRESS_VARIABLE } from './metrics';
 import { temporalSettings } from '../common/config';
 
-function installRuntimeLogger(): void {
+function installRuntimeLogger(metrics: ReturnType<typeof metricsTelemetryOptions>): void {
   const sdkLogger = logger.child({ component: 'temporal-sdk' });
   Runtime.install({
     // Forward the SDK core's own logs to the same JSON lines.
-    telemetryOptions: { logging: { forward: {}, filter: makeTelemetryFilterString({ core: 'WARN', other: 'WARN' }) } },
+    telemetryOptions: {
+      logging: { forward: {}, filter: makeTelemetryFilterString({ core: 'WARN', other: 'WARN' }) },
+      ...(metrics ? { metrics } : {}),
+    },
     logger: new DefaultLogger('INFO', (entry: LogEntry) => {
       const fields = { ...(entry.meta ?? {}) };
       const level = entry.level.toLowerCase();
@@ -25,8 +30,26 @@ function installRuntimeLogger(): void {
 
 async function main(): Promise<void> {
   const settings = temporalSettings();
-  installRuntimeLogger();
+  let metrics: ReturnType<typeof metricsTelemetryOptions>;
+  try {
+    metrics = metricsTelemetryOptions();
+    installRuntimeLogger(metrics);
+  } catch (error) {
+    logger.error({ error: (error as Error).message, [METRICS_ADDRESS_VARIABLE]: process.env[METRICS_ADDRESS_VARIABLE] }, 'cannot start the worker runtime');
+    process.exitCode = 1;
+    return;
+  }
+  if (metrics && 'prometheus' in metrics) {
+    startProjectMetrics();
+    logger.info({ address: metrics.prometheus.bindAddress, variable: METRICS_ADDRESS_VARIABLE }, 'Prometheus metrics served at /metrics');
+  }
   logger.info({ address: settings.address, namespace: settings.namespace, taskQueue: settings.taskQueue }, 'worker starting');
+  // A worker that died during a drill left its servers and scratch files behind.
+  try {
+    await reapDrillLeftovers();
+  } catch (error) {
+    logger.error({ error: (error as Error).message }, 'cannot remove the leftovers of earlier drills; starting anyway');
+  }
 
   let connection: NativeConnection;
   try {

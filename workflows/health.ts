@@ -1,0 +1,57 @@
+// healthWorkflow: checks how old a plan's newest complete backup, each
+// source's newest stored artifact and its newest passed restore drill are,
+// and which bundles each OPA source has loaded, against the plan's `health`
+// limits. Each OPA source is its own activity, so one unreachable OPA makes
+// its own check unknown and leaves the others alone.
+import { ActivityFailure, ApplicationFailure, proxyActivities } from '@temporalio/workflow';
+import type * as activities from '../activities';
+import type { HealthCheck, HealthReport } from '../activities/health';
+import { NON_RETRYABLE_FAILURES } from '../common/failures';
+import type { Plan } from '../common/plan';
+
+export interface HealthWorkflowInput {
+  /** Absolute path of a plan file the worker can read. */
+  planFile?: string;
+  plan?: Plan;
+}
+
+const planActivities = proxyActivities<typeof activities>({
+  startToCloseTimeout: '1m',
+  retry: { initialInterval: '1s', maximumAttempts: 3, nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES] },
+});
+
+// A health check reports the state it finds now, so a long retry would only delay the report.
+const checkActivities = proxyActivities<typeof activities>({
+  startToCloseTimeout: '5m',
+  heartbeatTimeout: '1m',
+  retry: { initialInterval: '1s', maximumInterval: '5s', maximumAttempts: 3, nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES] },
+});
+
+function failureMessage(error: unknown): string {
+  const cause = error instanceof ActivityFailure && error.cause ? error.cause : error;
+  return (cause as Error)?.message ?? String(cause);
+}
+
+export async function healthWorkflow(input: HealthWorkflowInput): Promise<HealthReport> {
+  let plan: Plan;
+  try {
+    plan = await planActivities.loadPlan(input ?? {});
+  } catch (error) {
+    // Fail with the plan's own message, not "activity task failed".
+    const cause = error instanceof ActivityFailure && error.cause instanceof ApplicationFailure ? error.cause : undefined;
+    throw ApplicationFailure.create({ type: cause?.type ?? 'InvalidPlan', nonRetryable: true, message: failureMessage(error) });
+  }
+  // Workflow time is deterministic: it is the time of the task that runs this line.
+  const checkedAt = new Date().toISOString();
+
+  const stored = checkActivities.checkStoredBackups({ plan }).catch((error: unknown): HealthCheck[] => [
+    { name: 'backup', kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${failureMessage(error)}` },
+  ]);
+  const bundles = (plan.sources.opa ?? []).map((source) =>
+    checkActivities.checkOpaBundles({ plan, source: source.name }).catch((error: unknown): HealthCheck[] => [
+      { name: `opa ${source.name}`, kind: 'opa', state: 'unknown', reason: `cannot check OPA "${source.name}": ${failureMessage(error)}` },
+    ]),
+  );
+  const checks = (await Promise.all([stored, ...bundles])).flat();
+  return { plan: plan.name, checkedAt, ranBy: 'temporal', checks, stale: checks.filter((check) => check.state === 'stale').map((check) => check.name) };
+}
