@@ -2,15 +2,24 @@
 //
 // Exit codes: 0 success; 1 the backup or command failed; 2 invalid usage or
 // an invalid plan (nothing was started); 3 the backup is partial (some
-// sources failed, the others are stored).
-import { randomBytes } from 'node:crypto';
+// sources failed, the others are stored); for verify, 4 a stored object is
+// damaged and 5 an object cannot be read here (see client/verify.ts); for
+// drill, 6 a check failed (see client/drill.ts); 75 another backup (or
+// retention run) of the plan is running. For status, 6 means a check is
+// stale (see client/status.ts).
 import { Command, CommanderError, Option } from 'commander';
-import { Connection, Client, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
+import { Connection, Client, WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
 import { loadPlanFile, checkPlanReferences, PlanError } from '../activities/plan-loader';
 import { temporalSettings } from '../common/config';
-import type { Plan } from '../common/plan';
+import { planWorkflowId, type Plan } from '../common/plan';
 import type { BackupProgress, BackupWorkflowResult } from '../common/workflow-types';
 import { listBackups, formatBytes } from './backups';
+import { addDoctorCommand } from './doctor';
+import { addDrillCommand } from './drill';
+import { addRetentionCommand } from './retention';
+import { addScheduleCommands, EXIT_BUSY } from './schedules';
+import { addVerifyCommands } from './verify';
+import { addStatusCommand } from './status';
 
 export const EXIT_OK = 0;
 export const EXIT_FAILED = 1;
@@ -52,12 +61,6 @@ async function connectClient(): Promise<{ client: Client; connection: Connection
   return { client: new Client({ connection, namespace: settings.namespace }), connection, taskQueue: settings.taskQueue };
 }
 
-/** Builds a workflow id that sorts by time and differs between two starts in the same millisecond. */
-function backupWorkflowId(plan: string, date: Date): string {
-  const stamp = date.toISOString().replace(/[-:.]/g, '');
-  return `backup-${plan}-${stamp}-${randomBytes(3).toString('hex')}`;
-}
-
 /** Returns the message of the innermost cause: for a failed workflow, the activity's own error. */
 function rootMessage(error: unknown): string {
   let current = error as { message?: string; cause?: unknown } | undefined;
@@ -71,12 +74,50 @@ interface PendingActivity {
   activityId?: string | null;
   attempt?: number | null;
   lastFailure?: { message?: string | null } | null;
+  heartbeatDetails?: { payloads?: Array<{ metadata?: Record<string, Uint8Array> | null; data?: Uint8Array | null }> | null } | null;
 }
 
-/** Prints each source's state as it changes, and each retry with its reason, until the workflow closes. */
+/** Decodes the first heartbeat detail of an activity when it is JSON, as the worker's default converter writes it. */
+function heartbeatDetail(activity: PendingActivity): Record<string, unknown> | undefined {
+  const payload = activity.heartbeatDetails?.payloads?.[0];
+  const encoding = payload?.metadata?.encoding ? Buffer.from(payload.metadata.encoding).toString('utf8') : undefined;
+  if (!payload?.data || encoding !== 'json/plain') return undefined;
+  try {
+    const value = JSON.parse(Buffer.from(payload.data).toString('utf8')) as unknown;
+    return value && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Formats an activity's heartbeat as a progress line: its phase, byte
+ * counts and item counts, such as "dump, 120.5 MB written, 12 tables".
+ */
+export function formatHeartbeat(detail: Record<string, unknown>): string | undefined {
+  const parts: string[] = [];
+  if (typeof detail.phase === 'string') parts.push(detail.phase);
+  const byteFields: Array<[string, string]> = [
+    ['dataBytes', 'data read'],
+    ['uploadedBytes', 'stored'],
+    ['bytes', 'written'],
+  ];
+  for (const [field, label] of byteFields) {
+    const value = detail[field];
+    if (typeof value === 'number' && value > 0) parts.push(`${formatBytes(value)} ${label}`);
+  }
+  for (const field of ['tables', 'keys', 'records', 'checked']) {
+    const value = detail[field];
+    if (typeof value === 'number') parts.push(`${value} ${field}`);
+  }
+  return parts.length > 0 ? parts.join(', ') : undefined;
+}
+
+/** Prints each source's state and progress as they change, and each retry with its reason, until the workflow closes. */
 async function followProgress(handle: WorkflowHandle, print: (line: string) => void): Promise<void> {
   const states = new Map<string, string>();
   const attempts = new Map<string, number>();
+  const details = new Map<string, string>();
   for (;;) {
     const description = await handle.describe();
     try {
@@ -95,6 +136,12 @@ async function followProgress(handle: WorkflowHandle, print: (line: string) => v
     const pending = (description.raw.pendingActivities ?? []) as PendingActivity[];
     for (const activity of pending) {
       const id = activity.activityId ?? '';
+      const detail = heartbeatDetail(activity);
+      const line = detail ? formatHeartbeat(detail) : undefined;
+      if (line && details.get(id) !== line) {
+        details.set(id, line);
+        print(`  ${id}: ${line}`);
+      }
       const attempt = activity.attempt ?? 1;
       if (attempt > 1 && attempts.get(id) !== attempt) {
         attempts.set(id, attempt);
@@ -113,7 +160,11 @@ function printResult(result: BackupWorkflowResult, print: (line: string) => void
   for (const artifact of result.artifacts) {
     print(`  ${artifact.source}: ${artifact.key}, ${formatBytes(artifact.size)}, sha256 ${artifact.sha256}`);
   }
+  for (const destination of result.destinations ?? []) {
+    print(`  destination ${destination.name}: ${destination.state}${destination.error ? `: ${destination.error}` : ''}`);
+  }
   for (const failure of result.failures) {
+    if (failure.kind === 'destination') continue;
     print(`  ${failure.kind} source "${failure.source}" failed (${failure.type}): ${failure.message}`);
   }
 }
@@ -123,11 +174,11 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
   const { client, connection, taskQueue } = await connectClient();
   const print = options.json ? (line: string) => process.stderr.write(`${line}\n`) : (line: string) => console.log(line);
   try {
-    const workflowId = backupWorkflowId(plan.name, new Date());
-    const handle = await client.workflow.start('backupWorkflow', {
-      taskQueue,
-      workflowId,
-      args: [{ plan }],
+    // The plan's fixed id: Temporal rejects the start while a manual or scheduled backup of the plan runs.
+    const workflowId = planWorkflowId(plan.name, 'backup');
+    const handle = await client.workflow.start('backupWorkflow', { taskQueue, workflowId, args: [{ plan }] }).catch((error: unknown) => {
+      if (!(error instanceof WorkflowExecutionAlreadyStartedError)) throw error;
+      throw new ExitError(`a backup of plan ${plan.name} is already running as workflow ${workflowId}; wait for it and try again`, EXIT_BUSY);
     });
     if (!options.wait) {
       if (options.json) console.log(JSON.stringify({ workflowId, runId: handle.firstExecutionRunId }));
@@ -164,16 +215,19 @@ async function listCommand(options: { plan: string; json?: boolean }): Promise<n
   const plan = loadCheckedPlan(options.plan, false);
   const backups = await listBackups(plan);
   const damaged = backups.some((backup) => backup.status === 'unreadable');
+  const unreachable = Object.entries(backups.unreachable);
   if (options.json) {
-    console.log(JSON.stringify({ plan: plan.name, destination: backups.destination, backups: [...backups] }, null, 2));
-    return damaged ? EXIT_FAILED : EXIT_OK;
+    console.log(JSON.stringify({ plan: plan.name, destination: backups.destination, unreachable: backups.unreachable, backups: [...backups] }, null, 2));
+    return damaged || unreachable.length > 0 ? EXIT_FAILED : EXIT_OK;
   }
+  for (const [name, message] of unreachable) console.error(`opa-backup: destination ${name} cannot be listed: ${message}`);
   if (backups.length === 0) {
     console.log(`no backups of plan ${plan.name} in ${backups.destination}`);
     return EXIT_OK;
   }
   console.log(`backups of plan ${plan.name} in ${backups.destination}:`);
-  console.log(['BACKUP ID'.padEnd(28), 'STATUS'.padEnd(9), 'ARTIFACTS'.padEnd(10), 'SIZE'.padEnd(10), 'COMPLETED'].join(' '));
+  const replicated = plan.replicas !== undefined;
+  console.log(['BACKUP ID'.padEnd(28), 'STATUS'.padEnd(9), 'ARTIFACTS'.padEnd(10), 'SIZE'.padEnd(10), 'COMPLETED'.padEnd(replicated ? 25 : 0), ...(replicated ? ['DESTINATIONS'] : [])].join(' ').trimEnd());
   for (const backup of backups) {
     console.log(
       [
@@ -181,13 +235,14 @@ async function listCommand(options: { plan: string; json?: boolean }): Promise<n
         backup.status.padEnd(9),
         String(backup.artifacts).padEnd(10),
         formatBytes(backup.size).padEnd(10),
-        backup.completedAt,
-      ].join(' '),
+        backup.completedAt.padEnd(replicated ? 25 : 0),
+        ...(replicated ? [backup.destinations.join(',')] : []),
+      ].join(' ').trimEnd(),
     );
     if (backup.error) console.log(`  ${backup.error}`);
   }
-  // A manifest that cannot be read is damage a person must look at.
-  return backups.some((backup) => backup.status === 'unreadable') ? EXIT_FAILED : EXIT_OK;
+  // A manifest that cannot be read, or a destination that cannot be listed, is something a person must look at.
+  return damaged || unreachable.length > 0 ? EXIT_FAILED : EXIT_OK;
 }
 
 export function buildProgram(): Command {
@@ -217,6 +272,13 @@ export function buildProgram(): Command {
     .action(async (options) => {
       process.exitCode = await listCommand(options);
     });
+
+  addVerifyCommands(program);
+  addDoctorCommand(program);
+  addScheduleCommands(program);
+  addRetentionCommand(program);
+  addDrillCommand(program);
+  addStatusCommand(program);
 
   return program;
 }

@@ -1,11 +1,14 @@
 // backupWorkflow: load the plan, then back up every source in parallel: one
-// activity per OPA instance, per PostgreSQL database and per Redis server,
-// each with its own timeouts and retries. Then seal the backup with its
-// manifest. Workflow code is replayed: it must stay deterministic, so it
+// activity per OPA instance, per PostgreSQL database and per Redis server
+// or Redis Cluster master, per served bundle and per Git repository, each
+// with its own timeouts and retries. Then seal
+// the backup with its manifest. Workflow code is replayed: it must stay deterministic, so it
 // imports only types of activities and pure helpers.
 import {
   ActivityFailure,
   ApplicationFailure,
+  CancellationScope,
+  CancelledFailure,
   defineQuery,
   proxyActivities,
   setHandler,
@@ -16,6 +19,7 @@ import type * as activities from '../activities';
 import { compareStrings } from '../common/compare';
 import { NON_RETRYABLE_FAILURES } from '../common/failures';
 import { makeBackupId } from '../common/layout';
+import { drillAfterBackup } from './drill';
 import type { SourceFailure } from '../common/manifest';
 import type { StepSettings } from '../common/plan';
 import type {
@@ -78,10 +82,14 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   const opaSources = plan.sources.opa ?? [];
   const postgresSources = plan.sources.postgres ?? [];
   const redisSources = plan.sources.redis ?? [];
+  const bundleSources = plan.sources.bundle ?? [];
+  const gitSources = plan.sources.git ?? [];
   progress.sources = [
     ...opaSources.map((source) => ({ kind: 'opa' as const, name: source.name, state: 'pending' as const })),
     ...postgresSources.map((source) => ({ kind: 'postgres' as const, name: source.name, state: 'pending' as const })),
     ...redisSources.map((source) => ({ kind: 'redis' as const, name: source.name, state: 'pending' as const })),
+    ...bundleSources.map((source) => ({ kind: 'bundle' as const, name: source.name, state: 'pending' as const })),
+    ...gitSources.map((source) => ({ kind: 'git' as const, name: source.name, state: 'pending' as const })),
   ];
 
   const artifacts: ArtifactReference[] = [];
@@ -146,24 +154,101 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   const redisSteps = redisSources.map(async (source, index) => {
     const state = progress.sources[opaSources.length + postgresSources.length + index];
     state.state = 'running';
-    const { dumpRedisSource } = proxyActivities<typeof activities>({
-      ...stepOptions(plan.settings?.redisDump, '2h'),
-      activityId: `redis-${source.name}`,
-    });
+    if (!source.cluster) {
+      const { dumpRedisSource } = proxyActivities<typeof activities>({
+        ...stepOptions(plan.settings?.redisDump, '2h'),
+        activityId: `redis-${source.name}`,
+      });
+      try {
+        artifacts.push(await dumpRedisSource({ plan, source: source.name, backupId }));
+        state.state = 'done';
+      } catch (error) {
+        const { type, message } = describeFailure(error);
+        state.state = 'failed';
+        state.error = message;
+        failures.push({ kind: 'redis', source: source.name, type, message });
+      }
+      return;
+    }
+
+    // A cluster: list the masters, then dump each one in its own activity.
+    let masters;
     try {
-      artifacts.push(await dumpRedisSource({ plan, source: source.name, backupId }));
-      state.state = 'done';
+      masters = await planActivities.listRedisClusterMasters({ plan, source: source.name });
     } catch (error) {
       const { type, message } = describeFailure(error);
       state.state = 'failed';
       state.error = message;
       failures.push({ kind: 'redis', source: source.name, type, message });
+      return;
+    }
+    const failed: string[] = [];
+    await Promise.all(
+      masters.map(async (master) => {
+        const { dumpRedisSource } = proxyActivities<typeof activities>({
+          ...stepOptions(plan.settings?.redisDump, '2h'),
+          activityId: `redis-${source.name}-${master.host}-${master.port}`,
+        });
+        try {
+          artifacts.push(await dumpRedisSource({ plan, source: source.name, backupId, node: { host: master.host, port: master.port } }));
+        } catch (error) {
+          const { type, message } = describeFailure(error);
+          failed.push(message);
+          failures.push({ kind: 'redis', source: `${source.name}/${master.host}:${master.port}`, type, message });
+        }
+      }),
+    );
+    state.state = failed.length > 0 ? 'failed' : 'done';
+    if (failed.length > 0) state.error = failed.join('; ');
+  });
+
+  const bundleSteps = bundleSources.map(async (source, index) => {
+    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + index];
+    state.state = 'running';
+    const { fetchBundleSource } = proxyActivities<typeof activities>({
+      ...stepOptions(plan.settings?.bundleFetch),
+      activityId: `bundle-${source.name}`,
+    });
+    try {
+      artifacts.push(await fetchBundleSource({ plan, source: source.name, backupId }));
+      state.state = 'done';
+    } catch (error) {
+      const { type, message } = describeFailure(error);
+      state.state = 'failed';
+      state.error = message;
+      failures.push({ kind: 'bundle', source: source.name, type, message });
     }
   });
 
-  await Promise.all([...opaSteps, ...postgresSteps, ...redisSteps]);
+  const gitSteps = gitSources.map(async (source, index) => {
+    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + bundleSources.length + index];
+    state.state = 'running';
+    const { bundleGitSource } = proxyActivities<typeof activities>({
+      ...stepOptions(plan.settings?.gitBundle, '1h'),
+      activityId: `git-${source.name}`,
+    });
+    try {
+      artifacts.push(await bundleGitSource({ plan, source: source.name, backupId }));
+      state.state = 'done';
+    } catch (error) {
+      const { type, message } = describeFailure(error);
+      state.state = 'failed';
+      state.error = message;
+      failures.push({ kind: 'git', source: source.name, type, message });
+    }
+  });
+
+  await Promise.all([...opaSteps, ...postgresSteps, ...redisSteps, ...bundleSteps, ...gitSteps]);
+
+  // A cancelled workflow cancels its running steps, whose failures the
+  // steps above record. What is left must not be sealed as a backup.
+  if (CancellationScope.current().consideredCancelled) {
+    throw new CancelledFailure(`backup ${backupId} of plan ${plan.name} was cancelled; nothing was sealed`);
+  }
 
   if (artifacts.length === 0) {
+    // A sealed backup records its metrics in sealBackup; this one seals nothing.
+    await planActivities.recordBackupMetrics({ plan: plan.name, status: 'failed', failures }).catch(() => undefined);
     throw ApplicationFailure.create({
       type: 'BackupFailed',
       nonRetryable: true,
@@ -186,6 +271,7 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     failures,
   });
   progress.sealed = true;
+  const drill = input?.drillAfter ? await drillAfterBackup(plan, backupId) : undefined;
 
   return {
     backupId,
@@ -195,6 +281,8 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     manifestKey: sealed.manifestKey,
     manifestSha256: sealed.manifestSha256,
     artifacts: artifacts.map(({ kind, source, key, size, sha256 }) => ({ kind, source, key, size, sha256 })),
-    failures,
+    failures: sealed.failures ?? failures,
+    ...(sealed.destinations ? { destinations: sealed.destinations } : {}),
+    ...(drill ? { drill } : {}),
   };
 }
