@@ -57,13 +57,18 @@ export function encryptOptions(plan: Plan): EncryptOptions | undefined {
  * encryption.identity, or the passphrase. Returns undefined when neither is
  * available, so callers can check stored digests only.
  */
-export function decryptOptions(plan: Plan, identityReference?: string): DecryptOptions | undefined {
+export function decryptOptions(plan: Plan, identityReference?: string, where?: string): DecryptOptions | undefined {
   const reference = identityReference ?? plan.encryption.identity;
   if (reference) {
-    const text = resolveSecret(reference, identityReference ? '--identity' : 'encryption.identity');
-    return { identities: parseIdentity(text) };
+    const field = identityReference ? '--identity' : 'encryption.identity';
+    const text = resolveSecret(reference, field, where);
+    try {
+      return { identities: parseIdentity(text) };
+    } catch (error) {
+      throw new Error(`${field} ${reference}: ${(error as Error).message}; give the age identity file (AGE-SECRET-KEY-1…), not the recipient`);
+    }
   }
-  if (plan.encryption.passphrase) return { passphrase: resolveSecret(plan.encryption.passphrase, 'encryption.passphrase') };
+  if (plan.encryption.passphrase) return { passphrase: resolveSecret(plan.encryption.passphrase, 'encryption.passphrase', where) };
   return undefined;
 }
 

@@ -9,7 +9,7 @@ import { FailureType } from '../common/failures';
  * Throws a non-retryable MissingSecret failure that names `field` and the
  * reference when the variable is unset or the file is unreadable.
  */
-export function resolveSecret(reference: string, field: string): string {
+export function resolveSecret(reference: string, field: string, where = 'on the worker'): string {
   if (reference.startsWith('env:')) {
     const variable = reference.slice(4);
     const value = process.env[variable];
@@ -17,7 +17,7 @@ export function resolveSecret(reference: string, field: string): string {
       throw ApplicationFailure.create({
         type: FailureType.MissingSecret,
         nonRetryable: true,
-        message: `${field}: environment variable ${variable} (from "${reference}") is not set on the worker; export it where the worker runs`,
+        message: `${field}: environment variable ${variable} (from "${reference}") is not set ${where}; export it ${where === 'on the worker' ? 'where the worker runs' : 'and run again'}`,
       });
     }
     return value;
@@ -30,7 +30,7 @@ export function resolveSecret(reference: string, field: string): string {
       throw ApplicationFailure.create({
         type: FailureType.MissingSecret,
         nonRetryable: true,
-        message: `${field}: cannot read ${file} (from "${reference}") on the worker: ${(error as NodeJS.ErrnoException).code ?? 'error'}`,
+        message: `${field}: cannot read ${file} (from "${reference}") ${where}: ${describeReadError(error as NodeJS.ErrnoException)}`,
       });
     }
   }
@@ -39,4 +39,11 @@ export function resolveSecret(reference: string, field: string): string {
     nonRetryable: true,
     message: `${field}: "${reference.split(':')[0]}:…" is not a secret reference; use env:NAME or file:PATH`,
   });
+}
+
+function describeReadError(error: NodeJS.ErrnoException): string {
+  if (error.code === 'ENOENT') return 'file not found';
+  if (error.code === 'EACCES') return 'permission denied';
+  if (error.code === 'EISDIR') return 'it is a folder, not a file';
+  return error.code ?? error.message;
 }

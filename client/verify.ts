@@ -64,7 +64,7 @@ async function verifyCommand(backup: string, options: { plan: string; identity?:
   }
   const print = options.json ? () => undefined : (check: VerifyCheck) => console.log(formatCheck(check));
   if (!options.json) console.log(`verifying backup ${backupId} of plan ${plan.name}`);
-  const report = await verifyStoredBackup(plan, backupId, { identity: options.identity, onCheck: print });
+  const report = await verifyStoredBackup(plan, backupId, { identity: options.identity, onCheck: print, where: 'here' });
   if (options.json) console.log(JSON.stringify(report, null, 2));
   else {
     console.log(`backup ${backupId}: ${report.outcome === 'ok' ? 'verified' : report.outcome}`);

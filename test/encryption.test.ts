@@ -193,7 +193,7 @@ function editManifest(directory: string, edit: (manifest: Manifest) => void): vo
 
 const unsigned: Partial<Plan> = { signing: undefined };
 
-const damageCases: Array<{ name: string; damage: (directory: string) => void; changes?: Partial<Plan>; identity?: 'own' | 'other'; status: number; message: RegExp }> = [
+const damageCases: Array<{ name: string; damage: (directory: string) => void; changes?: Partial<Plan>; identity?: 'own' | 'other' | 'none'; status: number; message: RegExp }> = [
   {
     name: 'wrong identity',
     damage: () => undefined,
@@ -226,6 +226,18 @@ const damageCases: Array<{ name: string; damage: (directory: string) => void; ch
     damage: (directory) => unlinkSync(path.join(directory, 'opa/edge.tar.gz.age')),
     status: 4,
     message: /opa\/edge\.tar\.gz\.age: missing: the manifest lists it/,
+  },
+  {
+    name: 'damaged facts without an identity',
+    damage: (directory) => {
+      const file = path.join(directory, 'facts.json.gz.age');
+      const bytes = readFileSync(file);
+      bytes[bytes.length - 5] ^= 0x01;
+      writeFileSync(file, bytes);
+    },
+    identity: 'none',
+    status: 4,
+    message: /facts\.json\.gz\.age: digest mismatch: stored SHA-256 is [0-9a-f]{64}, the manifest recorded/,
   },
   {
     name: 'changed manifest',
@@ -278,7 +290,7 @@ for (const damageCase of damageCases) {
   test(`verify reports ${damageCase.name}`, () => {
     const planFile = damagedCopy(damageCase.name.replace(/ /g, '-'), damageCase.damage, damageCase.changes);
     const identity = damageCase.identity === 'other' ? keys.otherIdentity : keys.identity;
-    const run = verify(planFile, backupId, '--identity', `file:${identity}`);
+    const run = damageCase.identity === 'none' ? verify(planFile, backupId) : verify(planFile, backupId, '--identity', `file:${identity}`);
     assert.equal(run.status, damageCase.status, run.stdout + run.stderr);
     assert.match(run.stdout, damageCase.message);
   });
@@ -378,4 +390,16 @@ test('verifyBackupWorkflow checks a backup on the worker with the plan identity'
   })) as { outcome: string; checks: Array<{ reason?: string }> };
   assert.equal(damaged.outcome, 'damaged');
   assert.ok(damaged.checks.some((check) => check.reason === 'missing'));
+});
+
+test('verify names a missing or wrong identity file', () => {
+  const planFile = path.join(folder, 'plan.json');
+  const missing = verify(planFile, backupId, '--identity', `file:${path.join(folder, 'no-such-identity.txt')}`);
+  assert.equal(missing.status, 5, missing.stdout + missing.stderr);
+  assert.match(missing.stdout, /--identity: cannot read .*no-such-identity\.txt .* here: file not found/);
+  const recipientFile = path.join(folder, 'recipient.txt');
+  writeFileSync(recipientFile, `${keys.recipient}\n`);
+  const wrongKind = verify(planFile, backupId, '--identity', `file:${recipientFile}`);
+  assert.equal(wrongKind.status, 5, wrongKind.stdout + wrongKind.stderr);
+  assert.match(wrongKind.stdout, /--identity file:.*recipient\.txt: invalid identity on line 1.*give the age identity file \(AGE-SECRET-KEY-1…\), not the recipient/);
 });
