@@ -6,6 +6,7 @@ import { Connection, Client, WorkflowFailedError, type WorkflowHandle } from '@t
 import { checkPlanReferences, loadPlanFile, PlanError } from '../activities/plan-loader';
 import type { DrillProgress, DrillWorkflowResult } from '../activities/drill/types';
 import { temporalSettings } from '../common/config';
+import { isBackupId } from '../common/layout';
 import type { Plan } from '../common/plan';
 
 /** Every check passed. */
@@ -79,6 +80,12 @@ async function drillCommand(options: DrillOptions): Promise<number> {
     throw error;
   }
   let randomWithinDays: number | undefined;
+  if (options.backup !== 'latest' && options.backup !== 'random' && !isBackupId(options.backup)) {
+    return fail(
+      `invalid --backup "${options.backup}": expected a backup id such as 20261204T194512Z-3f9a1c2b, "latest" or "random"; run "opa-backup list --plan ${options.plan}" for the ids`,
+      EXIT_DRILL_USAGE,
+    );
+  }
   if (options.withinDays !== undefined) {
     randomWithinDays = Number(options.withinDays);
     if (!Number.isInteger(randomWithinDays) || randomWithinDays < 1) {

@@ -24,3 +24,6 @@ export const NON_RETRYABLE_FAILURES: readonly string[] = [
   FailureType.MissingSecret,
   FailureType.Unauthorized,
 ];
+
+/** Failure type of a drill step whose server binary (opa, initdb, redis-server, git) the worker lacks. */
+export const DRILL_TOOL_MISSING = 'DrillToolMissing';

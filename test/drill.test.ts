@@ -21,6 +21,7 @@ import {
 import { startOpa, type OpaServer } from './harness/opa';
 import { runsDirectory } from './harness/process';
 import { startStack, type Stack } from './harness/stack';
+import { startWorker } from './harness/worker';
 import { repositoryRoot, toolsBin } from './harness/tools';
 
 const casesDirectory = path.join(repositoryRoot, 'test', 'cases', 'opa');
@@ -289,6 +290,9 @@ test('drill command prints checks and exit codes', async () => {
   const usage = await runCli(['drill', '--plan', planFile, '--backup', 'latest', '--within-days', '3']);
   assert.equal(usage.code, 2);
   assert.match(usage.stderr, /--within-days applies only with --backup random/);
+  const badId = await runCli(['drill', '--plan', planFile, '--backup', 'nonsense']);
+  assert.equal(badId.code, 2, badId.stderr);
+  assert.match(badId.stderr, /invalid --backup "nonsense": expected a backup id/);
 
   const random = await runCli(['drill', '--plan', planFile, '--backup', 'random', '--within-days', '1']);
   assert.equal(random.code, 6, 'the only recent backup is the damaged one');
@@ -303,4 +307,41 @@ test('drillTarget names the backup', async () => {
   });
   await handle.result();
   assert.deepEqual(await handle.query('drillTarget'), { plan: plan.name, backupId });
+});
+
+test('drill on a worker without opa cannot run', async () => {
+  const opa = await startOpa('drill-no-tool-opa');
+  const taskQueue = `${stack.taskQueue}-no-opa`;
+  // A worker whose PATH lacks .tools/bin, where the tests' opa lives.
+  const worker = await startWorker('drill-no-tool-worker', {
+    address: stack.temporal.address,
+    taskQueue,
+    env: { PATH: '/usr/bin:/bin', OPA_BACKUP_DRILL_DIR: drillRoot },
+  });
+  try {
+    await opa.putPolicy('authz.rego', 'package authz\n\nallow if input.user == "alice"\n');
+    const plan: Plan = {
+      name: 'drill-no-tool',
+      destination: { local: { path: folder } },
+      encryption: { unencrypted: true },
+      sources: { opa: [{ name: 'edge', url: opa.url }] },
+    };
+    const backup = await stack.backup(plan);
+    await assert.rejects(
+      stack.client.workflow.execute('restoreDrillWorkflow', {
+        taskQueue,
+        workflowId: `drill-no-tool-${backup.backupId}`,
+        args: [{ plan, backup: backup.backupId }],
+      }),
+      (error: unknown) => /the drill could not run on this worker: opa not found on the worker's PATH/.test(String((error as { cause?: Error }).cause?.message)),
+    );
+    assert.deepEqual(
+      existsSync(path.join(folder, plan.name, backup.backupId, 'drills')) ? readdirSync(path.join(folder, plan.name, backup.backupId, 'drills')) : [],
+      [],
+      'a drill that could not run stored a report',
+    );
+  } finally {
+    await worker.stop('SIGTERM');
+    await opa.stop();
+  }
 });

@@ -19,7 +19,7 @@ import {
   type ActivityOptions,
 } from '@temporalio/workflow';
 import type * as activities from '../activities';
-import { NON_RETRYABLE_FAILURES } from '../common/failures';
+import { DRILL_TOOL_MISSING, NON_RETRYABLE_FAILURES } from '../common/failures';
 import type { Plan } from '../common/plan';
 import type {
   CheckResult,
@@ -119,6 +119,8 @@ export async function restoreDrillWorkflow(input: DrillWorkflowInput): Promise<D
   };
 
   let lastRestoreAt: number | undefined;
+  // Set when the worker lacks a server binary: the drill then has no verdict on the backup.
+  let cannotRun: string | undefined;
   try {
     const fetchChecks = target.artifactKeys.map((key) => ({ name: 'artifact-digest', object: key }));
     for (const { name, object } of fetchChecks) checkOf(name, object).state = 'running';
@@ -150,6 +152,12 @@ export async function restoreDrillWorkflow(input: DrillWorkflowInput): Promise<D
         if (results.every((result) => result.outcome === 'passed')) lastRestoreAt = Date.now();
       } catch (error) {
         if (isCancellation(error)) throw error;
+        const cause = error instanceof ActivityFailure ? error.cause : error;
+        if (cause instanceof ApplicationFailure && cause.type === DRILL_TOOL_MISSING) {
+          cannotRun ??= failureMessage(error);
+          failAll(step.checks, `not checked: ${failureMessage(error)}`);
+          return;
+        }
         failAll(step.checks, `the ${step.kind} restore step failed: ${failureMessage(error)}`);
       }
     };
@@ -157,6 +165,9 @@ export async function restoreDrillWorkflow(input: DrillWorkflowInput): Promise<D
   } finally {
     // Runs even when the drill is cancelled: it must not leave servers or files behind.
     await CancellationScope.nonCancellable(() => shortActivities.cleanupDrill({ drillId }));
+  }
+  if (cannotRun !== undefined) {
+    throw ApplicationFailure.create({ type: DRILL_TOOL_MISSING, nonRetryable: true, message: `the drill could not run on this worker: ${cannotRun}` });
   }
 
   const outcome = progress.checks.every((check) => check.state === 'passed') ? 'passed' : 'failed';

@@ -216,7 +216,7 @@ export async function drillOpaBundle(options: OpaDrillOptions): Promise<CheckRes
           if (!matched.has(module.id)) problems.push(`the restored OPA has module ${module.id}, which the manifest does not list`);
         }
         if (problems.length > 0) throw new CheckFailure(problems.join('; '));
-        return `${facts.policies.length} policies match their recorded sha256 in the bundle and in the restored OPA`;
+        return `${facts.policies.length} ${facts.policies.length === 1 ? 'policy matches its' : 'policies match their'} recorded sha256 in the bundle and in the restored OPA`;
       }),
     );
 

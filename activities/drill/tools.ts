@@ -2,6 +2,8 @@
 import { existsSync, readdirSync, realpathSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { ApplicationFailure } from '@temporalio/common';
+import { DRILL_TOOL_MISSING } from '../../common/failures';
 
 /**
  * Returns the absolute path of `name` on PATH, or for PostgreSQL server
@@ -25,7 +27,13 @@ export function findTool(name: string, options: { resolveLinks?: boolean } = {})
       if (existsSync(candidate)) return candidate;
     }
   }
-  throw new Error(`${name} not found on PATH (${process.env.PATH ?? ''}); install it on the worker to run restore drills`);
+  // Non-retryable and of its own type: the drill cannot run on this worker,
+  // which is no finding about the backup.
+  throw ApplicationFailure.create({
+    type: DRILL_TOOL_MISSING,
+    nonRetryable: true,
+    message: `${name} not found on the worker's PATH (${process.env.PATH ?? ''}); install it, or put scripts/setup.sh's .tools/bin on PATH, where the worker runs drills`,
+  });
 }
 
 /** Returns a TCP port on 127.0.0.1 that was free a moment ago. */
