@@ -6,7 +6,7 @@ import path from 'node:path';
 import { isMap, isPair, isScalar, isSeq, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { planSchema, type Plan } from '../common/plan';
-import { parseRecipient } from './crypto/age';
+import { parseIdentity, parseRecipient } from './crypto/age';
 
 /** One problem in a plan: the field path ("sources.opa[0].token") and what is wrong with it. */
 export interface PlanIssue {
@@ -180,7 +180,8 @@ export function loadPlanFile(file: string): Plan {
   try {
     text = readFileSync(file, 'utf8');
   } catch (error) {
-    const reason = (error as NodeJS.ErrnoException).code === 'ENOENT' ? 'file not found' : (error as Error).message;
+    const code = (error as NodeJS.ErrnoException).code;
+    const reason = code === 'ENOENT' ? 'file not found' : code === 'EISDIR' ? 'it is a folder; give the path of the plan file' : (error as Error).message;
     throw new PlanError(file, [{ path: '', message: `cannot read the plan: ${reason}` }]);
   }
   // Integers are read as BigInt so that values beyond 2^53 are reported rather than rounded.
@@ -188,7 +189,12 @@ export function loadPlanFile(file: string): Plan {
   if (document.errors.length > 0) {
     throw new PlanError(
       file,
-      document.errors.map((error) => ({ path: '', message: `invalid YAML: ${error.message.split('\n')[0]}` })),
+      document.errors.map((error) => {
+        // The first line names the problem and position; the next one quotes the line in the file.
+        const [summary, ...excerpt] = error.message.split('\n');
+        const quoted = excerpt.find((line) => line.trim() !== '')?.trim();
+        return { path: '', message: `invalid YAML: ${summary.replace(/:$/, '')}${quoted ? `: ${quoted}` : ''}` };
+      }),
     );
   }
   const unsafe: PlanIssue[] = [];
@@ -303,13 +309,31 @@ export function checkPlanReferences(plan: Plan): PlanIssue[] {
       }
     }
   });
+  const recipients = new Set<string>();
   (plan.encryption.recipients ?? []).forEach((recipient, index) => {
     try {
-      parseRecipient(recipient);
+      recipients.add(parseRecipient(recipient).toString());
     } catch (error) {
       issues.push({ path: `encryption.recipients[${index}]`, message: `${(error as Error).message}; copy the public key again from age-keygen's output` });
     }
   });
+  // An identity that opens none of the backups is a plan whose verify and
+  // drills would all fail. It is checked where the identity is readable;
+  // a backup worker usually lacks it, and needs it not.
+  const identityText = plan.encryption.identity && recipients.size > 0 ? readReference(plan.encryption.identity) : undefined;
+  if (identityText !== undefined) {
+    try {
+      const publicKeys = parseIdentity(identityText).map((identity) => identity.recipient.toString());
+      if (!publicKeys.some((publicKey) => recipients.has(publicKey))) {
+        issues.push({
+          path: 'encryption.identity',
+          message: `its public key ${publicKeys[0]} is not among encryption.recipients, so it could not decrypt these backups; add it to recipients or name the matching identity`,
+        });
+      }
+    } catch (error) {
+      issues.push({ path: 'encryption.identity', message: `${plan.encryption.identity} is not an age identity: ${(error as Error).message}` });
+    }
+  }
   for (const { path: fieldPath, reference } of secretReferences(plan)) {
     if (reference.startsWith('env:')) {
       const variable = reference.slice(4);
@@ -329,4 +353,14 @@ export function checkPlanReferences(plan: Plan): PlanIssue[] {
     }
   }
   return issues;
+}
+
+/** Returns the value of a secret reference when it resolves in this process, or undefined. */
+function readReference(reference: string): string | undefined {
+  if (reference.startsWith('env:')) return process.env[reference.slice(4)];
+  try {
+    return readFileSync(reference.slice(5), 'utf8');
+  } catch {
+    return undefined;
+  }
 }

@@ -7,6 +7,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { generateIdentity } from '../activities/crypto/age';
 import { checkPlanReferences, loadPlanFile, PlanError, validatePlan } from '../activities/plan-loader';
 import { runsDirectory } from './harness/process';
 import { repositoryRoot } from './harness/tools';
@@ -308,4 +309,27 @@ test('plan with an unknown Redis mode is rejected', () => {
       ),
     /sources\.redis\[0\]\.mode: /,
   );
+});
+
+test('an identity that matches no recipient is named', () => {
+  const directory = mkdtempSync(path.join(runsDirectory, 'plan-'));
+  const identity = generateIdentity();
+  const other = generateIdentity();
+  writeFileSync(path.join(directory, 'identity.txt'), `${identity.encodeSecret()}\n`);
+  const plan = validatePlan(
+    {
+      name: 'p',
+      destination: { local: { path: '/tmp/x' } },
+      encryption: { recipients: [other.recipient.toString()], identity: `file:${path.join(directory, 'identity.txt')}` },
+      sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+    },
+    'inline',
+  );
+  const issues = checkPlanReferences(plan);
+  assert.equal(issues.length, 1);
+  assert.equal(issues[0].path, 'encryption.identity');
+  assert.match(issues[0].message, new RegExp(`its public key ${identity.recipient.toString()} is not among encryption.recipients`));
+  // The matching recipient clears the issue.
+  const matching = { ...plan, encryption: { ...plan.encryption, recipients: [other.recipient.toString(), identity.recipient.toString()] } };
+  assert.deepEqual(checkPlanReferences(matching), []);
 });
