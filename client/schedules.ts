@@ -193,6 +193,58 @@ export async function applySchedules(client: Client, plan: Plan, taskQueue: stri
   return applied;
 }
 
+const MONTH_NAMES = ['JANUARY', 'FEBRUARY', 'MARCH', 'APRIL', 'MAY', 'JUNE', 'JULY', 'AUGUST', 'SEPTEMBER', 'OCTOBER', 'NOVEMBER', 'DECEMBER'];
+const DAY_NAMES = ['SUNDAY', 'MONDAY', 'TUESDAY', 'WEDNESDAY', 'THURSDAY', 'FRIDAY', 'SATURDAY'];
+
+/**
+ * Formats one calendar of a schedule as the five cron fields it came from,
+ * such as "0 3 * * *": Temporal stores a cron expression as calendars.
+ */
+export function formatCalendar(calendar: {
+  minute?: Array<{ start: number; end?: number; step?: number }>;
+  hour?: Array<{ start: number; end?: number; step?: number }>;
+  dayOfMonth?: Array<{ start: number; end?: number; step?: number }>;
+  month?: Array<{ start: string; end?: string; step?: number }>;
+  dayOfWeek?: Array<{ start: string; end?: string; step?: number }>;
+}): string {
+  const field = (ranges: Array<{ start: number; end?: number; step?: number }> | undefined, min: number, max: number): string => {
+    if (!ranges || ranges.length === 0) return '*';
+    return ranges
+      .map(({ start, end = start, step = 1 }) => {
+        let span = `${start}-${end}`;
+        if (start === min && end === max) span = '*';
+        else if (start === end) span = String(start);
+        return step > 1 ? `${span}/${step}` : span;
+      })
+      .join(',');
+  };
+  const named = (ranges: Array<{ start: string; end?: string; step?: number }> | undefined, names: string[], offset: number) =>
+    ranges?.map(({ start, end, step }) => ({ start: names.indexOf(start) + offset, end: names.indexOf(end ?? start) + offset, step }));
+  return [
+    field(calendar.minute, 0, 59),
+    field(calendar.hour, 0, 23),
+    field(calendar.dayOfMonth, 1, 31),
+    field(named(calendar.month, MONTH_NAMES, 1), 1, 12),
+    field(named(calendar.dayOfWeek, DAY_NAMES, 0), 0, 6),
+  ].join(' ');
+}
+
+/** Formats a schedule's timing for people: cron fields, or "every 6h". */
+function formatTiming(summary: Record<string, unknown>): string {
+  const intervals = summary.intervals as Array<{ every: number; offset?: number }> | undefined;
+  if (intervals) return intervals.map((interval) => `every ${formatMs(interval.every)}${interval.offset ? ` at offset ${formatMs(interval.offset)}` : ''}`).join(', ');
+  const calendars = summary.calendars as Array<Parameters<typeof formatCalendar>[0]> | undefined;
+  return calendars ? `cron "${calendars.map((calendar) => formatCalendar(calendar)).join('", "')}"` : 'no timing';
+}
+
+function formatMs(milliseconds: number | undefined): string {
+  if (milliseconds === undefined) return '0s';
+  for (const [unit, size] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000], ['s', 1000]] as const) {
+    if (milliseconds % size === 0 && milliseconds >= size) return `${milliseconds / size}${unit}`;
+  }
+  return `${milliseconds}ms`;
+}
+
 /** Summarises a schedule for `list`, `describe` and --json output. */
 export function summariseSchedule(kind: ScheduleKind, description: ScheduleDescription): Record<string, unknown> {
   const spec = description.spec;
@@ -320,14 +372,13 @@ async function listCommand(options: CommonOptions, detailed: boolean): Promise<n
     return EXIT_OK;
   }
   for (const summary of summaries) {
-    const when = summary.intervals ?? summary.calendars;
     console.log(
-      `${summary.kind} ${summary.scheduleId}: ${summary.paused ? 'paused' : 'active'}, ${JSON.stringify(when)} in ${summary.timezone ?? 'UTC'}, ` +
+      `${summary.kind} ${summary.scheduleId}: ${summary.paused ? 'paused' : 'active'}, ${formatTiming(summary)} in ${summary.timezone ?? 'UTC'}, ` +
         `next ${(summary.nextRuns as string[])[0] ?? 'none'}`,
     );
     if (!detailed) continue;
-    console.log(`  starts ${summary.workflowType} as ${summary.workflowId}-<time>, overlap ${summary.overlap}, catch-up window ${summary.catchupWindowMs} ms`);
-    if (summary.jitterMs) console.log(`  jitter ${summary.jitterMs} ms`);
+    console.log(`  starts ${summary.workflowType} as ${summary.workflowId}-<time>, overlap ${summary.overlap}, catch-up window ${formatMs(summary.catchupWindowMs as number | undefined)}`);
+    if (summary.jitterMs) console.log(`  jitter ${formatMs(summary.jitterMs as number)}`);
     if (summary.note) console.log(`  note: ${summary.note}`);
     console.log(`  runs ${summary.runs}, skipped for overlap ${summary.skippedForOverlap}`);
     for (const run of summary.recentRuns as Array<{ scheduledAt: string; workflowId: string }>) {

@@ -180,6 +180,11 @@ test('schedules operable with temporal CLI', async () => {
   assert.equal(listed.status, 0, listed.stderr);
   assert.equal((JSON.parse(listed.stdout) as { schedules: Array<{ paused: boolean }> }).schedules[0].paused, true);
 
+  const text = await cli(['schedule', 'describe', '--plan', plan]);
+  assert.equal(text.status, 0, text.stderr);
+  assert.match(text.stdout, /backup opa-backup\/sched-cli\/backup: paused, cron "0 3 \* \* \*" in UTC/);
+  assert.doesNotMatch(text.stdout, /\{"second"/);
+
   const resumed = await cli(['schedule', 'resume', '--plan', plan]);
   assert.equal(resumed.status, 0, resumed.stderr);
   assert.match(resumed.stdout, /resumed backup schedule opa-backup\/sched-cli\/backup/);
