@@ -247,7 +247,7 @@ async function listCommand(options: { plan: string; json?: boolean }): Promise<n
 
 export function buildProgram(): Command {
   const program = new Command('opa-backup')
-    .description('Back up Open Policy Agent deployments through Temporal, and list the backups.')
+    .description('Back up Open Policy Agent deployments and their data sources through Temporal, and verify, drill, schedule and prune the backups.')
     .showHelpAfterError()
     .exitOverride();
 

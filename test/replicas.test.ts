@@ -1,7 +1,7 @@
 // Replicated destinations on the real S3-compatible server: every artifact
 // and manifest reaches each destination, `list` names the destinations of
 // each backup, and a destination that is down makes the backup partial and
-// says which one.
+// is named in the result.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
