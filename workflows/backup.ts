@@ -95,23 +95,34 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
   const artifacts: ArtifactReference[] = [];
   const failures: SourceFailure[] = [];
 
-  const opaSteps = opaSources.map(async (source, index) => {
-    const state = progress.sources[index];
+  /**
+   * Runs a source that is one activity, then records its artifact, or its
+   * failure under `kind` with the innermost message.
+   */
+  const runSourceStep = async (
+    state: BackupProgress['sources'][number],
+    kind: SourceFailure['kind'],
+    run: () => Promise<ArtifactReference>,
+  ): Promise<void> => {
     state.state = 'running';
-    // A named activity id lets `describe` show which source a retry belongs to.
-    const { snapshotOpaSource } = proxyActivities<typeof activities>({
-      ...stepOptions(plan.settings?.opaSnapshot),
-      activityId: `opa-${source.name}`,
-    });
     try {
-      artifacts.push(await snapshotOpaSource({ plan, source: source.name, backupId }));
+      artifacts.push(await run());
       state.state = 'done';
     } catch (error) {
       const { type, message } = describeFailure(error);
       state.state = 'failed';
       state.error = message;
-      failures.push({ kind: 'opa', source: source.name, type, message });
+      failures.push({ kind, source: state.name, type, message });
     }
+  };
+
+  const opaSteps = opaSources.map((source, index) => {
+    // A named activity id lets `describe` show which source a retry belongs to.
+    const { snapshotOpaSource } = proxyActivities<typeof activities>({
+      ...stepOptions(plan.settings?.opaSnapshot),
+      activityId: `opa-${source.name}`,
+    });
+    return runSourceStep(progress.sources[index], 'opa', () => snapshotOpaSource({ plan, source: source.name, backupId }));
   });
 
   const postgresSteps = postgresSources.map(async (source, index) => {
@@ -153,23 +164,14 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
 
   const redisSteps = redisSources.map(async (source, index) => {
     const state = progress.sources[opaSources.length + postgresSources.length + index];
-    state.state = 'running';
     if (!source.cluster) {
       const { dumpRedisSource } = proxyActivities<typeof activities>({
         ...stepOptions(plan.settings?.redisDump, '2h'),
         activityId: `redis-${source.name}`,
       });
-      try {
-        artifacts.push(await dumpRedisSource({ plan, source: source.name, backupId }));
-        state.state = 'done';
-      } catch (error) {
-        const { type, message } = describeFailure(error);
-        state.state = 'failed';
-        state.error = message;
-        failures.push({ kind: 'redis', source: source.name, type, message });
-      }
-      return;
+      return runSourceStep(state, 'redis', () => dumpRedisSource({ plan, source: source.name, backupId }));
     }
+    state.state = 'running';
 
     // A cluster: list the masters, then dump each one in its own activity.
     let masters;
@@ -202,40 +204,22 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     if (failed.length > 0) state.error = failed.join('; ');
   });
 
-  const bundleSteps = bundleSources.map(async (source, index) => {
-    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + index];
-    state.state = 'running';
+  const bundleSteps = bundleSources.map((source, index) => {
     const { fetchBundleSource } = proxyActivities<typeof activities>({
       ...stepOptions(plan.settings?.bundleFetch),
       activityId: `bundle-${source.name}`,
     });
-    try {
-      artifacts.push(await fetchBundleSource({ plan, source: source.name, backupId }));
-      state.state = 'done';
-    } catch (error) {
-      const { type, message } = describeFailure(error);
-      state.state = 'failed';
-      state.error = message;
-      failures.push({ kind: 'bundle', source: source.name, type, message });
-    }
+    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + index];
+    return runSourceStep(state, 'bundle', () => fetchBundleSource({ plan, source: source.name, backupId }));
   });
 
-  const gitSteps = gitSources.map(async (source, index) => {
-    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + bundleSources.length + index];
-    state.state = 'running';
+  const gitSteps = gitSources.map((source, index) => {
     const { bundleGitSource } = proxyActivities<typeof activities>({
       ...stepOptions(plan.settings?.gitBundle, '1h'),
       activityId: `git-${source.name}`,
     });
-    try {
-      artifacts.push(await bundleGitSource({ plan, source: source.name, backupId }));
-      state.state = 'done';
-    } catch (error) {
-      const { type, message } = describeFailure(error);
-      state.state = 'failed';
-      state.error = message;
-      failures.push({ kind: 'git', source: source.name, type, message });
-    }
+    const state = progress.sources[opaSources.length + postgresSources.length + redisSources.length + bundleSources.length + index];
+    return runSourceStep(state, 'git', () => bundleGitSource({ plan, source: source.name, backupId }));
   });
 
   await Promise.all([...opaSteps, ...postgresSteps, ...redisSteps, ...bundleSteps, ...gitSteps]);
