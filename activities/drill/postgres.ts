@@ -13,6 +13,7 @@ import { chmod, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { Client } from 'pg';
 import type { PostgresFacts } from '../../common/manifest';
+import { TABLES_QUERY } from '../postgres/dump';
 import { CheckFailure, runCheck } from './checks';
 import { runTracked, startTracked, type DrillProcess, type Scratch } from './scratch';
 import { findTool, sleep } from './tools';
@@ -23,21 +24,6 @@ const PORT = 5432;
 const READY_TIMEOUT_MS = 60_000;
 /** /dev/shm is used for the cluster when it has this much room; initdb there takes a fraction of the time on disk. */
 const MIN_TMPFS_BYTES = 1024 ** 3;
-
-/** Same selection as the counts pg_dump's snapshot recorded: plain tables and leaf partitions, extensions' tables excluded. */
-const TABLES_QUERY = `
-  SELECT n.nspname AS schema, c.relname AS name
-  FROM pg_catalog.pg_class c
-  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  WHERE c.relkind = 'r'
-    AND c.relpersistence <> 't'
-    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-    AND n.nspname NOT LIKE 'pg\\_toast%'
-    AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-    AND NOT EXISTS (
-      SELECT 1 FROM pg_catalog.pg_depend d
-      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
-    )`;
 
 export interface PostgresArtifact {
   key: string;

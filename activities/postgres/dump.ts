@@ -424,7 +424,8 @@ interface TableToCount {
 // left out because pg_dump does not dump their rows.
 // NOTE: pg_dump does dump the rows of extension configuration tables
 // (pg_extension_config_dump), filtered by their condition; those are not counted.
-const TABLES_QUERY = `
+// Restore drills list tables with the same query, so both count the same set.
+export const TABLES_QUERY = `
   SELECT n.nspname AS schema, c.relname AS name
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
