@@ -174,8 +174,12 @@ function resolvePaths(plan: Plan, baseDirectory: string): Plan {
   return copy;
 }
 
-/** Reads and validates a YAML (or JSON) plan file; relative paths in it are made absolute. */
-export function loadPlanFile(file: string): Plan {
+/**
+ * Reads and validates a YAML (or JSON) plan file; relative paths in it are
+ * made absolute. With `checkReferences`, it also requires every secret
+ * reference to resolve in this process, as commands that start work do.
+ */
+export function loadPlanFile(file: string, options: { checkReferences?: boolean } = {}): Plan {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
@@ -210,8 +214,12 @@ export function loadPlanFile(file: string): Plan {
     }
   });
   if (unsafe.length > 0) throw new PlanError(file, unsafe);
-  const plan = validatePlan(document.toJS(), file);
-  return resolvePaths(plan, path.dirname(path.resolve(file)));
+  const plan = resolvePaths(validatePlan(document.toJS(), file), path.dirname(path.resolve(file)));
+  if (options.checkReferences) {
+    const issues = checkPlanReferences(plan);
+    if (issues.length > 0) throw new PlanError(file, issues);
+  }
+  return plan;
 }
 
 /**

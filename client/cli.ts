@@ -9,7 +9,7 @@
 // stale (see client/status.ts).
 import { Command, CommanderError, Option } from 'commander';
 import { Connection, Client, WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
-import { loadPlanFile, checkPlanReferences, PlanError } from '../activities/plan-loader';
+import { loadPlanFile, PlanError } from '../activities/plan-loader';
 import { temporalSettings } from '../common/config';
 import { planWorkflowId, type Plan } from '../common/plan';
 import type { BackupProgress, BackupWorkflowResult } from '../common/workflow-types';
@@ -35,12 +35,7 @@ class ExitError extends Error {
 /** Loads a plan and checks its secret references, or exits with the plan's problems. */
 function loadCheckedPlan(file: string, checkSecrets: boolean): Plan {
   try {
-    const plan = loadPlanFile(file);
-    if (checkSecrets) {
-      const issues = checkPlanReferences(plan);
-      if (issues.length > 0) throw new PlanError(file, issues);
-    }
-    return plan;
+    return loadPlanFile(file, { checkReferences: checkSecrets });
   } catch (error) {
     if (error instanceof PlanError) throw new ExitError(`invalid plan:\n${error.message}`, EXIT_USAGE);
     throw error;

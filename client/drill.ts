@@ -3,7 +3,7 @@
 import { randomBytes } from 'node:crypto';
 import { Command, Option } from 'commander';
 import { Connection, Client, WorkflowFailedError, type WorkflowHandle } from '@temporalio/client';
-import { checkPlanReferences, loadPlanFile, PlanError } from '../activities/plan-loader';
+import { loadPlanFile, PlanError } from '../activities/plan-loader';
 import type { DrillProgress, DrillWorkflowResult } from '../activities/drill/types';
 import { temporalSettings } from '../common/config';
 import { isBackupId } from '../common/layout';
@@ -70,11 +70,7 @@ async function followChecks(handle: WorkflowHandle, print: (line: string) => voi
 async function drillCommand(options: DrillOptions): Promise<number> {
   let plan: Plan;
   try {
-    plan = loadPlanFile(options.plan);
-    if (options.secretCheck) {
-      const issues = checkPlanReferences(plan);
-      if (issues.length > 0) throw new PlanError(options.plan, issues);
-    }
+    plan = loadPlanFile(options.plan, { checkReferences: options.secretCheck });
   } catch (error) {
     if (error instanceof PlanError) return fail(`invalid plan:\n${error.message}`, EXIT_DRILL_USAGE);
     throw error;

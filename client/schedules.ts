@@ -13,7 +13,7 @@ import {
   type ScheduleOverlapPolicy,
   type ScheduleSpec,
 } from '@temporalio/client';
-import { checkPlanReferences, loadPlanFile, PlanError } from '../activities/plan-loader';
+import { loadPlanFile, PlanError } from '../activities/plan-loader';
 import { temporalSettings } from '../common/config';
 import { planWorkflowId, type DrillScheduleTiming, type Plan, type ScheduleKind, type ScheduleTiming } from '../common/plan';
 import { hasRetentionRules } from '../common/retention';
@@ -55,7 +55,7 @@ const OVERLAP: Record<NonNullable<ScheduleTiming['overlap']>, ScheduleOverlapPol
   allowAll: 'ALLOW_ALL',
 };
 
-/** A schedule the plan asks for: its id, when it fires and what it starts. */
+/** A schedule the plan requests: its id, when it fires and what it starts. */
 export interface DesiredSchedule {
   kind: ScheduleKind;
   scheduleId: string;
@@ -83,7 +83,7 @@ function specOf(timing: ScheduleTiming | DrillScheduleTiming, timeZone: string):
   return spec;
 }
 
-/** Returns the schedules that a plan asks for, one per kind it schedules. */
+/** Returns the schedules that a plan requests, one per kind it schedules. */
 export function desiredSchedules(plan: Plan): DesiredSchedule[] {
   const timeZone = plan.schedule?.timezone ?? 'UTC';
   const desired: DesiredSchedule[] = [];
@@ -282,12 +282,7 @@ interface CommonOptions {
 
 function loadPlan(file: string, checkSecrets: boolean): Plan {
   try {
-    const plan = loadPlanFile(file);
-    if (checkSecrets) {
-      const issues = checkPlanReferences(plan);
-      if (issues.length > 0) throw new PlanError(file, issues);
-    }
-    return plan;
+    return loadPlanFile(file, { checkReferences: checkSecrets });
   } catch (error) {
     if (error instanceof PlanError) throw new CommandError(`invalid plan:\n${error.message}`, EXIT_USAGE);
     throw error;
@@ -390,7 +385,7 @@ async function listCommand(options: CommonOptions, detailed: boolean): Promise<n
 
 async function stateCommand(options: CommonOptions, change: 'pause' | 'resume' | 'trigger'): Promise<number> {
   const plan = loadPlan(options.plan, false);
-  // Trigger acts on one schedule: the backup's unless --kind says otherwise.
+  // Trigger acts on one schedule: the backup's unless --kind names another.
   const kinds = change === 'trigger' ? [options.kind ?? 'backup'] : selectedKinds(options);
   const changed = await withClient(async (client) => {
     const found = await existingSchedules(client, plan, kinds);
