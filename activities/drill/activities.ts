@@ -197,6 +197,24 @@ export async function drillFetchArtifacts(input: DrillActivityInput): Promise<Ch
   }
 }
 
+/**
+ * Fetches a verified local copy of `record` for a step. When the copy fails
+ * its digest check, returns the step's checks as not run instead.
+ */
+async function fetchForStep(
+  step: StepContext,
+  input: DrillActivityInput & { key: string },
+  record: ArtifactRecord,
+  checks: string[],
+): Promise<{ file: string } | { skipped: CheckResult[] }> {
+  try {
+    return { file: await localArtifact(step.scratch, step.store, input.plan, input.backupId, record, { signal: step.signal }) };
+  } catch (error) {
+    if (error instanceof ArtifactDigestError) return { skipped: notRun(checks, input.key, error.message) };
+    throw error;
+  }
+}
+
 /** Restores one OPA bundle into a fresh OPA and compares policies, base documents and probe decisions. */
 export async function drillOpa(input: DrillActivityInput & { key: string }): Promise<CheckResult[]> {
   let progress: unknown = { phase: 'fetch' };
@@ -204,13 +222,9 @@ export async function drillOpa(input: DrillActivityInput & { key: string }): Pro
   try {
     const { manifest } = await readManifest(step.store, input.plan, input.backupId, input.manifestSha256);
     const record = findArtifact(manifest, input.key);
-    let bundleFile: string;
-    try {
-      bundleFile = await localArtifact(step.scratch, step.store, input.plan, input.backupId, record, { signal: step.signal });
-    } catch (error) {
-      if (error instanceof ArtifactDigestError) return notRun(OPA_CHECKS, input.key, error.message);
-      throw error;
-    }
+    const fetched = await fetchForStep(step, input, record, OPA_CHECKS);
+    if ('skipped' in fetched) return fetched.skipped;
+    const bundleFile = fetched.file;
     return await drillOpaBundle({
       scratch: step.scratch,
       bundleFile,
@@ -263,14 +277,9 @@ export async function drillRedis(input: DrillActivityInput & { key: string }): P
   try {
     const { manifest } = await readManifest(step.store, input.plan, input.backupId, input.manifestSha256);
     const record = findArtifact(manifest, input.key);
-    let file: string;
-    try {
-      file = await localArtifact(step.scratch, step.store, input.plan, input.backupId, record, { signal: step.signal });
-    } catch (error) {
-      if (error instanceof ArtifactDigestError) return notRun(['redis-restore'], input.key, error.message);
-      throw error;
-    }
-    return [await drillRedisArtifact(step.scratch, { key: input.key, file, facts: record.facts as RedisFacts }, step.signal)];
+    const fetched = await fetchForStep(step, input, record, ['redis-restore']);
+    if ('skipped' in fetched) return fetched.skipped;
+    return [await drillRedisArtifact(step.scratch, { key: input.key, file: fetched.file, facts: record.facts as RedisFacts }, step.signal)];
   } finally {
     step.stop();
   }
@@ -289,15 +298,9 @@ export async function drillServedBundle(input: DrillActivityInput & { key: strin
     const facts = record.facts as BundleFacts;
     const served = manifest.artifacts.filter((artifact) => artifact.kind === 'bundle').length;
     const pairs = pairLoadedBundles(record.source, served, liveOpaBundles(manifest.artifacts));
-    let file: string;
-    try {
-      file = await localArtifact(step.scratch, step.store, input.plan, input.backupId, record, { signal: step.signal });
-    } catch (error) {
-      if (error instanceof ArtifactDigestError) {
-        return notRun(pairs.length > 0 ? [BUNDLE_ACTIVATION_CHECK, BUNDLE_DRIFT_CHECK] : [BUNDLE_ACTIVATION_CHECK], input.key, error.message);
-      }
-      throw error;
-    }
+    const fetched = await fetchForStep(step, input, record, pairs.length > 0 ? [BUNDLE_ACTIVATION_CHECK, BUNDLE_DRIFT_CHECK] : [BUNDLE_ACTIVATION_CHECK]);
+    if ('skipped' in fetched) return fetched.skipped;
+    const file = fetched.file;
     const sources = input.plan.sources.bundle ?? [];
     const index = sources.findIndex((source) => source.name === record.source);
     const source = index >= 0 ? sources[index] : undefined;
@@ -322,14 +325,9 @@ export async function drillGit(input: DrillActivityInput & { key: string }): Pro
   try {
     const { manifest } = await readManifest(step.store, input.plan, input.backupId, input.manifestSha256);
     const record = findArtifact(manifest, input.key);
-    let file: string;
-    try {
-      file = await localArtifact(step.scratch, step.store, input.plan, input.backupId, record, { signal: step.signal });
-    } catch (error) {
-      if (error instanceof ArtifactDigestError) return notRun(GIT_CHECKS, input.key, error.message);
-      throw error;
-    }
-    return await drillGitBundle({ scratch: step.scratch, bundleFile: file, key: input.key, facts: record.facts as GitFacts, signal: step.signal });
+    const fetched = await fetchForStep(step, input, record, GIT_CHECKS);
+    if ('skipped' in fetched) return fetched.skipped;
+    return await drillGitBundle({ scratch: step.scratch, bundleFile: fetched.file, key: input.key, facts: record.facts as GitFacts, signal: step.signal });
   } finally {
     step.stop();
   }
