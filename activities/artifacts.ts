@@ -103,9 +103,10 @@ export class ArtifactStore implements BlobStore {
   }
 
   async put(key: string, body: Readable, options?: PutOptions): Promise<{ size: number }> {
-    const plain = new DigestStream();
+    // The dumps stream through a DigestStream already; its digest is the plaintext's, so it is not computed twice.
+    const plain = body instanceof DigestStream ? body : new DigestStream();
     const stored = new DigestStream();
-    const stages: NodeJS.ReadWriteStream[] = [plain];
+    const stages: NodeJS.ReadWriteStream[] = plain === body ? [] : [plain];
     if (this.encoding.gzipLevel !== undefined) stages.push(createGzip({ level: this.encoding.gzipLevel }));
     if (this.encoding.encrypt) stages.push(createEncryptStream(this.encoding.encrypt));
     // A failure anywhere, in the source or in an encoder, destroys `stored`,

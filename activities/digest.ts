@@ -12,8 +12,11 @@ export class DigestStream extends Transform {
     callback(null, chunk);
   }
 
-  /** Lowercase hex digest; call once, after the stream ended. */
+  private hex: string | undefined;
+
+  /** Returns the lowercase hex digest; call after the stream ended. Later calls return the same value. */
   digest(): string {
-    return this.hash.digest('hex');
+    this.hex ??= this.hash.digest('hex');
+    return this.hex;
   }
 }
