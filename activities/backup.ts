@@ -286,7 +286,7 @@ export async function sealBackup(input: SealBackupInput): Promise<SealBackupResu
   const { plan, backupId } = input;
   const log = activityLogger({ backupId, plan: plan.name });
   // Reads go to the first destination that has the object; writes of the
-  // manifest go to each destination that holds every artifact.
+  // manifest go to each destination that contains every artifact.
   const store = openWriteStore(plan);
   const destinations = openDestinations(plan);
   const folder = backupFolder(plan.name, backupId);
@@ -335,7 +335,7 @@ export async function sealBackup(input: SealBackupInput): Promise<SealBackupResu
     if (destinations.every((destination) => destinationErrors.has(destination.name))) {
       throw ApplicationFailure.create({
         type: FailureType.StorageFailed,
-        message: `cannot seal backup ${backupId}: no destination holds every artifact: ${[...destinationErrors].map(([name, message]) => `${name}: ${message}`).join('; ')}`,
+        message: `cannot seal backup ${backupId}: no destination contains every artifact: ${[...destinationErrors].map(([name, message]) => `${name}: ${message}`).join('; ')}`,
       });
     }
     const factsText = await readSmallObject(store, `${folder}/${reference.factsKey}`);
@@ -411,7 +411,7 @@ export async function sealBackup(input: SealBackupInput): Promise<SealBackupResu
   // Every destination gets the same manifest bytes, so one signature fits
   // all, and the destinations' states are fixed before the first write.
   // NOTE: a destination whose manifest write fails below is listed as
-  // complete in the others' manifests but holds none; `list` shows it absent.
+  // complete in the others' manifests but has none; `list` shows it absent.
   if (plan.replicas) {
     manifest.destinations = destinations.map((destination) =>
       destinationErrors.has(destination.name)

@@ -196,7 +196,7 @@ export async function checkKeysStream(stream: Readable): Promise<{ records: Reco
       if (parsed.records) {
         for (const [database, count] of Object.entries(parsed.records)) {
           if ((records[database] ?? 0) !== count) {
-            throw new FormatError(`keys-mode trailer counts ${count} records in database ${database}, the stream holds ${records[database] ?? 0}`);
+            throw new FormatError(`keys-mode trailer counts ${count} records in database ${database}, the stream contains ${records[database] ?? 0}`);
           }
         }
       }
@@ -370,7 +370,7 @@ export async function checkFormat(record: ArtifactRecord, stream: Readable): Pro
       return 'globals script is complete';
     case 'redis-rdb': {
       const { rdbVersion, checksum } = await checkRdb(stream);
-      return checksum === '0000000000000000' ? `RDB version ${rdbVersion}, written without a checksum` : `RDB version ${rdbVersion}, checksum ${checksum} holds`;
+      return checksum === '0000000000000000' ? `RDB version ${rdbVersion}, written without a checksum` : `RDB version ${rdbVersion}, checksum ${checksum} matches`;
     }
     case 'redis-keys': {
       const { records } = await checkKeysStream(stream);

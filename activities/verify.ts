@@ -174,7 +174,7 @@ export async function loadManifest(
       // Without a key the facts cannot be read, but their stored bytes can be checked.
       const { stream } = await readArtifact({ store, key: factsObject, record: manifest.facts });
       await readAll(stream);
-      options.checks?.push({ object: factsObject, check: 'facts', outcome: 'ok', message: `${manifest.facts.size} bytes, stored SHA-256 holds; contents not checked without an identity` });
+      options.checks?.push({ object: factsObject, check: 'facts', outcome: 'ok', message: `${manifest.facts.size} bytes, stored SHA-256 matches; contents not checked without an identity` });
     }
   }
   return manifest;
@@ -203,7 +203,7 @@ async function verifyArtifact(store: BlobStore, plan: Plan, folder: string, reco
     const { stream, decrypted } = await readArtifact({ store, key: object, record: record as StoredRecord, decrypt });
     if (!decrypted) {
       await readAll(stream);
-      return { object, check: 'artifact', outcome: 'ok', message: `${record.size} bytes, stored SHA-256 holds; plaintext not checked without an identity` };
+      return { object, check: 'artifact', outcome: 'ok', message: `${record.size} bytes, stored SHA-256 matches; plaintext not checked without an identity` };
     }
     // The format check and the digest checks read the same stream; a digest
     // failure at its end is the more precise finding, so it wins.
@@ -219,7 +219,7 @@ async function verifyArtifact(store: BlobStore, plan: Plan, folder: string, reco
       throw streamError ?? error;
     }
     if (streamError) throw streamError;
-    return { object, check: 'artifact', outcome: 'ok', message: `${record.size} bytes, stored and plaintext SHA-256 hold${summary ? `; ${summary}` : ''}` };
+    return { object, check: 'artifact', outcome: 'ok', message: `${record.size} bytes, stored and plaintext SHA-256 match${summary ? `; ${summary}` : ''}` };
   } catch (error) {
     return checkFromError(object, error);
   }
@@ -230,8 +230,8 @@ const OUTCOME_RANK: Record<CheckOutcome, number> = { ok: 0, unreadable: 1, damag
 /**
  * Verifies one backup of a plan. `identity` is a secret reference to an age
  * identity file; without it the plan's encryption.identity is used, and
- * without either only stored digests are checked. Never throws for damage:
- * the report lists it.
+ * without either only stored digests are checked. Damage and unreadable
+ * objects are listed in the report rather than thrown.
  */
 export async function verifyStoredBackup(
   plan: Plan,

@@ -82,13 +82,13 @@ export interface RedisClusterNodeFacts {
   slots: Array<[number, number]>;
 }
 
-/** What a bundle's .signatures.json showed when it was checked against the plan's verificationKey. */
+/** Result of checking a bundle's .signatures.json against the plan's verificationKey. */
 export interface BundleSignatureFacts {
   /** True when the bundle contains a .signatures.json. */
   signed: boolean;
   /**
    * true: the JWT verifies with the plan's key and every file's digest matches.
-   * false: it does not; `reason` says why. "not checked": the plan sets no
+   * false: it does not; `reason` gives the cause. "not checked": the plan sets no
    * verificationKey, the bundle is unsigned, or a data file is too large to check.
    */
   verified: true | false | 'not checked';
@@ -118,7 +118,7 @@ export interface BundleFacts {
   signature: BundleSignatureFacts;
   /** True when the bundle equals the one of the previous backup, whose stored bytes this backup reuses (see `storedIn`). */
   unchanged?: boolean;
-  /** How it was found unchanged: the server answered 304 to If-None-Match, or the SHA-256 was equal. */
+  /** How it was found unchanged: the server returned 304 to If-None-Match, or the SHA-256 was equal. */
   unchangedBy?: 'etag' | 'sha256';
 }
 
@@ -150,7 +150,7 @@ export interface Digest {
 }
 
 /**
- * How a step's output was turned into the stored object: gzip first (for
+ * Encoding of a step's output into the stored object: gzip first (for
  * formats that are not compressed already), then age. Recovery undoes them
  * in reverse: `age -d`, then `gunzip`.
  */
@@ -170,11 +170,11 @@ export interface ArtifactRecord extends ArtifactEncoding {
   sha256: string;
   /** Size and SHA-256 of the step's output before compression and encryption. */
   plaintext: Digest;
-  /** Backup id of an earlier backup of the plan whose folder holds the bytes, for an artifact stored once and reused unchanged. */
+  /** Backup id of an earlier backup of the plan whose folder contains the bytes, for an artifact stored once and reused unchanged. */
   storedIn?: string;
   startedAt: string;
   completedAt: string;
-  /** What the step recorded. Absent in manifest.json of an encrypted backup: the facts object holds it. */
+  /** What the step recorded. Absent in manifest.json of an encrypted backup: the facts object contains it. */
   facts?: OpaFacts | PostgresFacts | RedisFacts | BundleFacts | GitFacts;
 }
 
@@ -216,13 +216,13 @@ export interface Manifest {
   startedAt: string;
   completedAt: string;
   workflow: { workflowId: string; runId: string };
-  /** How artifacts were encrypted: to X25519 recipients (by fingerprint), with a passphrase, or not at all. */
+  /** Encryption of the artifacts: to X25519 recipients (by fingerprint), with a passphrase, or not at all. */
   encryption: { mode: 'x25519'; recipients: string[] } | { mode: 'scrypt' } | { mode: 'none' };
   /** The key that signed manifest.json (see SIGNATURE_FILE); absent when the plan does not sign. */
   signing?: { algorithm: 'Ed25519'; keyId: string };
-  /** Where an encrypted backup keeps its artifacts' facts. */
+  /** Location and digests of an encrypted backup's facts object. */
   facts?: FactsObject;
-  /** Plans with replicas: each destination and whether it holds every artifact and this manifest. */
+  /** Plans with replicas: each destination and whether it contains every artifact and this manifest. */
   destinations?: DestinationState[];
   artifacts: ArtifactRecord[];
   failures: SourceFailure[];

@@ -126,7 +126,7 @@ const bundleSource = z
   .object({
     name,
     /**
-     * Where the bundle is served: an http:// or https:// URL of a bundle
+     * Location of the bundle: an http:// or https:// URL of a bundle
      * service, or s3://BUCKET/KEY of an object in an S3-compatible bucket.
      */
     url: z
@@ -537,7 +537,7 @@ export const planSchema = z
     /** More destinations that receive every artifact and manifest, such as a bucket in another region. */
     replicas: z.array(replica).min(1).optional(),
     sources,
-    /** How artifacts are encrypted; required, so that plaintext backups are always a stated choice. */
+    /** Encryption of every artifact. Required, so that plaintext backups are always a stated choice. */
     encryption,
     compression: compression.optional(),
     signing: signing.optional(),

@@ -31,7 +31,7 @@ export interface ArtifactReference extends ArtifactEncoding {
   /** Key of the facts document the step stored beside the artifact; sealBackup moves its content into the manifest. */
   factsKey: string;
   factsSha256: string;
-  /** Backup id of the earlier backup whose folder holds the bytes, when the step reused them unchanged. */
+  /** Backup id of the earlier backup whose folder contains the bytes, when the step reused them unchanged. */
   storedIn?: string;
   startedAt: string;
   completedAt: string;
@@ -89,8 +89,8 @@ export interface BackupWorkflowResult {
   manifestSha256: string;
   artifacts: Array<Pick<ArtifactReference, 'kind' | 'source' | 'key' | 'size' | 'sha256'>>;
   failures: SourceFailure[];
-  /** Plans with replicas: each destination and whether it holds the backup. */
+  /** Plans with replicas: each destination and whether it contains the backup. */
   destinations?: DestinationState[];
-  /** Outcome of the restore drill that `drillAfter` requested; `error` says why a drill could not run. */
+  /** Outcome of the restore drill that `drillAfter` requested; `error` gives the reason a drill could not run. */
   drill?: { outcome: 'passed' | 'failed'; reportKey?: string; error?: string };
 }

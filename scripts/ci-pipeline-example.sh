@@ -95,7 +95,7 @@ esac
 
 backup_id=$(field backupId)
 if [[ -n $bundle_source && $(field has-bundle "$bundle_source") != yes ]]; then
-  echo "ci: backup $backup_id is complete but holds no served bundle of source \"$bundle_source\"" >&2
+  echo "ci: backup $backup_id is complete but contains no served bundle of source \"$bundle_source\"" >&2
   exit 4
 fi
 

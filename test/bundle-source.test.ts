@@ -531,7 +531,7 @@ test('ci script checks exit codes and JSON', async () => {
 
     const missing = await run(good, 'other');
     assert.equal(missing.status, 4, missing.stderr);
-    assert.match(missing.stderr, /holds no served bundle of source "other"/);
+    assert.match(missing.stderr, /contains no served bundle of source "other"/);
 
     const wrong = path.join(folder, 'ci-wrong.yaml');
     writePlan(wrong, 'BUNDLE_TEST_WRONG_TOKEN');

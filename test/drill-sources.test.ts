@@ -130,7 +130,8 @@ test('drill passes on PostgreSQL and Redis', async () => {
   const tables = (manifest.artifacts.find((artifact) => artifact.kind === 'postgres-dump')!.facts as PostgresFacts).tables!;
   assert.equal(check(result, 'postgres-restore', keys['postgres-dump']).message, `${tables.length} tables restored with their recorded row counts`);
   assert.match(check(result, 'redis-restore', keys['redis-rdb']).message, /^\d+ keys in 2 databases match the recorded keyspace$/);
-  assert.ok(result.rtoSeconds !== undefined && result.rtoSeconds > 0);
+  assert.notEqual(result.rtoSeconds, undefined);
+  assert.ok(result.rtoSeconds! > 0, `rtoSeconds ${result.rtoSeconds} is not positive`);
   assert.ok(existsSync(path.join(folder, result.reportKey)));
   assert.deepEqual(drillLeftovers(drillRoot), []);
   assert.deepEqual(drillProcesses(), []);

@@ -79,7 +79,7 @@ test('character device is rejected', async () => {
 });
 
 test('duplicate path is rejected', async () => {
-  await rejects([{ name: 'data.json', body: Buffer.from('{}') }, { name: 'data.json', body: Buffer.from('{"b":2}') }], /holds this path twice/);
+  await rejects([{ name: 'data.json', body: Buffer.from('{}') }, { name: 'data.json', body: Buffer.from('{"b":2}') }], /contains this path twice/);
 });
 
 test('entry count limit stops extraction', async () => {

@@ -183,8 +183,8 @@ async function writeAll(handle: FileHandle, chunk: Buffer): Promise<void> {
 /**
  * Extracts a gzip-compressed tar stream into `directory`, which must exist
  * and be empty. Throws UnsafeArchiveError on the first unsafe or malformed
- * entry and on a limit, after which the directory may hold a part of the
- * archive; the caller removes it.
+ * entry and on a limit. The directory may then contain a part of the
+ * archive, which the caller removes.
  */
 export async function extractTarGz(
   input: Readable,
@@ -270,7 +270,7 @@ export async function extractTarGz(
         handle = await open(path.join(directory, relative), 'wx', 0o600);
       } catch (error) {
         if ((error as NodeJS.ErrnoException).code === 'EEXIST' || (error as NodeJS.ErrnoException).code === 'EISDIR') {
-          throw new UnsafeArchiveError(`unsafe entry "${name}": the archive holds this path twice`);
+          throw new UnsafeArchiveError(`unsafe entry "${name}": the archive contains this path twice`);
         }
         throw error;
       }
