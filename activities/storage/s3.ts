@@ -41,10 +41,17 @@ export interface S3StoreOptions {
   queueSize?: number;
 }
 
-/** Keys per DeleteObjects request: the S3 maximum. */
+/** Keys per DeleteObjects request allowed by S3. */
 const DELETE_OBJECTS_MAX = 1000;
-/** DeleteObjects requests in flight at once in deleteMany. */
-const DELETE_REQUESTS_IN_FLIGHT = 4;
+/**
+ * Keys per DeleteObjects request that deleteMany sends, and requests in
+ * flight. Servers delete a request's keys one after another, so smaller
+ * requests side by side finish sooner: on SeaweedFS 4.48 with 2 cores,
+ * 16 requests of 250 keys deleted 4,800 objects a second, 4 of 1,000 only
+ * 3,200 (BENCHMARKS.md, retention).
+ */
+const DELETE_KEYS_PER_REQUEST = 250;
+const DELETE_REQUESTS_IN_FLIGHT = 16;
 
 export class S3BlobStore implements BlobStore {
   readonly description: string;
@@ -187,10 +194,10 @@ export class S3BlobStore implements BlobStore {
     return count;
   }
 
-  /** Deletes objects with DeleteObjects, 1,000 keys a request (the S3 maximum) and up to 4 requests at once. */
+  /** Deletes objects with DeleteObjects, DELETE_KEYS_PER_REQUEST keys a request and up to DELETE_REQUESTS_IN_FLIGHT requests at once. */
   async deleteMany(keys: readonly string[]): Promise<void> {
     const batches: string[][] = [];
-    for (let start = 0; start < keys.length; start += DELETE_OBJECTS_MAX) batches.push(keys.slice(start, start + DELETE_OBJECTS_MAX));
+    for (let start = 0; start < keys.length; start += DELETE_KEYS_PER_REQUEST) batches.push(keys.slice(start, start + DELETE_KEYS_PER_REQUEST));
     let next = 0;
     const lanes = Array.from({ length: Math.min(DELETE_REQUESTS_IN_FLIGHT, batches.length) }, async () => {
       while (next < batches.length) await this.deleteBatch(batches[next++]);
