@@ -20,6 +20,7 @@ import {
 } from '../common/retention';
 import { activityLogger } from './logging';
 import { openBlobStore, type BlobStore } from './storage';
+import type { StoredObject } from './storage/blob-store';
 
 /**
  * Opens the destination of the plan with this name: PRIMARY_DESTINATION
@@ -65,6 +66,36 @@ interface FolderSummary {
   hasManifest: boolean;
   drillReports: string[];
   lastModified: number;
+  /** Index of the folder's key set in the listing's table, or -1 when the table was full. */
+  keySet: number;
+}
+
+/**
+ * Distinct key sets kept from a listing. A folder's key set is its keys
+ * relative to the folder, drill reports left out. Backups of one plan
+ * mostly hold the same names (manifest.json, opa/edge-1.tar.gz, ...), so a
+ * few sets describe thousands of folders.
+ */
+const MAX_KEY_SETS = 64;
+
+/**
+ * What planRetention listed in the folders it decided to delete, so that
+ * deleteBackups deletes without listing them again. `keySets` are relative
+ * key sets; `keySetOf[i]` is the index of `deleted[i]`'s set, or -1 when it
+ * is not known and the folder must be listed. `drillReports` has the
+ * relative keys of drill reports, by backup id. An object written into a
+ * folder after the listing stays behind in a folder without a manifest,
+ * which a later run removes as a leftover.
+ */
+export interface FolderContents {
+  keySets: string[][];
+  keySetOf: number[];
+  drillReports: Record<string, string[]>;
+}
+
+/** Report of planRetention: the decision, and what the folders to delete hold. */
+export interface RetentionPlanReport extends RetentionReport {
+  contents: FolderContents;
 }
 
 /** Runs `action` on every item with at most `limit` calls in flight, and returns the results in order. */
@@ -96,18 +127,85 @@ function heartbeat(details?: unknown): void {
   }
 }
 
+/** Folders per listing range, and listings in flight at once, when the store can list from a key. */
+const FOLDERS_PER_RANGE = 500;
+const LISTINGS_IN_FLIGHT = 8;
+
+/** Interns the key sets of folders, up to MAX_KEY_SETS of them. */
+class KeySetTable {
+  readonly keySets: string[][] = [];
+  private readonly index = new Map<string, number>();
+
+  /** Returns the index of `keys`, or -1 when the table is full and does not hold them. */
+  intern(keys: string[]): number {
+    const signature = keys.join('\n');
+    let found = this.index.get(signature);
+    if (found === undefined && this.keySets.length < MAX_KEY_SETS) {
+      found = this.keySets.length;
+      this.keySets.push(keys);
+      this.index.set(signature, found);
+    }
+    return found ?? -1;
+  }
+}
+
 /**
- * Lists the plan's folders in one pass over its keys. Keys arrive in order,
- * so each folder's keys are adjacent and memory keeps one summary per folder.
- * Folders whose names are not backup ids are not opa-backup's and are skipped.
+ * Lists the plan's folders and summarises each. Keys arrive in order, so
+ * each folder's keys are adjacent and memory keeps one summary per folder
+ * and one copy of each distinct key set. Folders whose names are not backup
+ * ids are not opa-backup's and are skipped.
+ *
+ * A listing returns 1,000 keys a request, one request after another. When
+ * the store can list from a key, the folder names come first (one name per
+ * folder, not one key per object), and ranges of folders are then listed
+ * side by side, LISTINGS_IN_FLIGHT at once: 2.9 s became 1.7 s for 20,000
+ * keys on SeaweedFS. The ranges meet at folder boundaries and the last one
+ * has no end, so together they cover every key, including folders created
+ * since the names were listed.
  */
-async function summariseFolders(store: BlobStore, planName: string): Promise<FolderSummary[]> {
-  const folders: FolderSummary[] = [];
+async function summariseFolders(store: BlobStore, planName: string): Promise<{ folders: FolderSummary[]; keySets: string[][] }> {
   const planPrefix = `${planName}/`;
+  const keySets = new KeySetTable();
+  const progress = { listed: 0 };
+  if (!store.listAfter) {
+    return { folders: await summariseRange(store.list(planPrefix), planPrefix, keySets, progress), keySets: keySets.keySets };
+  }
+  const ids: string[] = [];
+  for await (const name of store.listFolders(planPrefix)) if (isBackupId(name)) ids.push(name);
+  const rangeCount = Math.min(LISTINGS_IN_FLIGHT, Math.max(1, Math.ceil(ids.length / FOLDERS_PER_RANGE)));
+  // Range i lists the keys after bounds[i - 1] up to bounds[i]; the first has no start, the last no end.
+  const bounds = Array.from({ length: rangeCount - 1 }, (_, index) => `${planPrefix}${ids[Math.floor(((index + 1) * ids.length) / rangeCount)]}/`);
+  const ranges = await Promise.all(
+    Array.from({ length: rangeCount }, (_, index) =>
+      summariseRange(
+        index === 0 ? store.list(planPrefix) : store.listAfter!(planPrefix, bounds[index - 1]),
+        planPrefix,
+        keySets,
+        progress,
+        bounds[index],
+      ),
+    ),
+  );
+  return { folders: ranges.flat(), keySets: keySets.keySets };
+}
+
+/** Summarises the folders of one listing, which stops at the first key after `end` when `end` is set. */
+async function summariseRange(
+  objects: AsyncIterable<StoredObject>,
+  planPrefix: string,
+  keySets: KeySetTable,
+  progress: { listed: number },
+  end?: string,
+): Promise<FolderSummary[]> {
+  const folders: FolderSummary[] = [];
   let current: FolderSummary | undefined;
-  let seen = 0;
-  for await (const object of store.list(planPrefix)) {
-    if (++seen % 5000 === 0) heartbeat({ listed: seen });
+  let currentKeys: string[] = [];
+  const closeFolder = (): void => {
+    if (current) current.keySet = keySets.intern(currentKeys);
+  };
+  for await (const object of objects) {
+    if (end !== undefined && object.key > end) break;
+    if (++progress.listed % 5000 === 0) heartbeat({ listed: progress.listed });
     const rest = object.key.slice(planPrefix.length);
     const slash = rest.indexOf('/');
     if (slash <= 0) continue;
@@ -115,14 +213,18 @@ async function summariseFolders(store: BlobStore, planName: string): Promise<Fol
     const inner = rest.slice(slash + 1);
     if (!isBackupId(id)) continue;
     if (!current || current.id !== id) {
-      current = { id, objects: 0, hasManifest: false, drillReports: [], lastModified: 0 };
+      closeFolder();
+      current = { id, objects: 0, hasManifest: false, drillReports: [], lastModified: 0, keySet: -1 };
+      currentKeys = [];
       folders.push(current);
     }
     current.objects++;
     current.lastModified = Math.max(current.lastModified, object.lastModified?.getTime() ?? 0);
     if (inner === MANIFEST_FILE) current.hasManifest = true;
-    else if (/^drills\/[^/]+\.json$/.test(inner)) current.drillReports.push(object.key);
+    if (/^drills\/[^/]+\.json$/.test(inner)) current.drillReports.push(object.key);
+    else currentKeys.push(inner);
   }
+  closeFolder();
   return folders;
 }
 
@@ -217,7 +319,12 @@ async function decide(
  * the plan (the primary unless `destination` names a replica), and decides
  * with the plan's rules on that destination's own backups. Deletes nothing.
  */
-export async function planRetention(input: { plan: Plan; destination?: string; dryRun?: boolean; now?: string }): Promise<RetentionReport> {
+export async function planRetention(input: {
+  plan: Plan;
+  destination?: string;
+  dryRun?: boolean;
+  now?: string;
+}): Promise<RetentionPlanReport> {
   const { plan } = input;
   const now = input.now ? new Date(input.now) : new Date();
   const store = openNamedDestination(plan, input.destination);
@@ -225,7 +332,7 @@ export async function planRetention(input: { plan: Plan; destination?: string; d
   const grace = parseDuration(plan.retention?.leftoverGrace ?? DEFAULT_LEFTOVER_GRACE);
   const timeZone = plan.schedule?.timezone ?? 'UTC';
 
-  const folders = await summariseFolders(store, plan.name);
+  const { folders, keySets } = await summariseFolders(store, plan.name);
   const committed = folders.filter((folder) => folder.hasManifest);
   const verified = await findVerified(store, folders);
   const { decision, unreadable, manifestsRead } = await decide(store, plan, committed, verified, { now, timeZone });
@@ -249,7 +356,26 @@ export async function planRetention(input: { plan: Plan; destination?: string; d
     }
   }
 
-  const report: RetentionReport = {
+  const byId = new Map(folders.map((folder) => [folder.id, folder]));
+  const contents: FolderContents = { keySets: [], keySetOf: [], drillReports: {} };
+  const usedKeySets = new Map<number, number>();
+  for (const id of decision.delete) {
+    const folder = byId.get(id)!;
+    let index = folder.keySet;
+    if (index >= 0) {
+      if (!usedKeySets.has(index)) {
+        usedKeySets.set(index, contents.keySets.length);
+        contents.keySets.push(keySets[index]);
+      }
+      index = usedKeySets.get(index)!;
+    }
+    contents.keySetOf.push(index);
+    if (folder.drillReports.length > 0) {
+      contents.drillReports[id] = folder.drillReports.map((key) => key.slice(plan.name.length + id.length + 2));
+    }
+  }
+
+  const report: RetentionPlanReport = {
     plan: plan.name,
     destination: store.description,
     decidedAt: now.toISOString(),
@@ -264,6 +390,7 @@ export async function planRetention(input: { plan: Plan; destination?: string; d
     unresolvedDrills: [],
     leftovers,
     staleUploads,
+    contents,
   };
   log.info(
     {
@@ -354,56 +481,104 @@ async function deleteBackup(store: BlobStore, planName: string, backupId: string
 
 /**
  * Deletes backups with bulk deletes: every manifest of the batch first, then
- * the other objects, found by one listing that starts at the oldest folder
- * of the batch and stops after the newest. Kept folders in that range are
- * listed and skipped. Deletes of 1,000 keys run while the listing goes on,
- * at most BULK_DELETES_IN_FLIGHT at once.
+ * the other objects. With `contents` from planRetention, the other keys are
+ * known and nothing is listed, except folders whose keys were not kept.
+ * Without it, one listing starts at the oldest folder of the batch and stops
+ * after the newest, skipping kept folders in that range.
  */
-async function deleteInBulk(store: BlobStore, planName: string, backupIds: string[]): Promise<void> {
+async function deleteInBulk(store: BlobStore, planName: string, backupIds: string[], contents?: BatchContents): Promise<void> {
   if (backupIds.length === 0) return;
   const sorted = [...backupIds].sort();
   await store.deleteMany!(sorted.map((id) => manifestKey(planName, id)));
   heartbeat({ manifestsDeleted: sorted.length });
 
+  const deleter = new BulkDeleter(store);
+  if (contents) {
+    const unknown: string[] = [];
+    for (const id of sorted) {
+      const entry = contents.get(id);
+      if (!entry || entry.keySet === undefined) {
+        unknown.push(id);
+        continue;
+      }
+      for (const inner of [...entry.keySet, ...entry.drillReports]) {
+        if (inner !== MANIFEST_FILE) await deleter.add(`${planName}/${id}/${inner}`);
+      }
+      if (deleter.failed) break;
+    }
+    if (!deleter.failed) await mapLimit(unknown, DELETE_CONCURRENCY, (id) => deleteFolder(store, `${planName}/${id}/`));
+    await deleter.finish();
+    return;
+  }
+
   const wanted = new Set(sorted);
   const last = sorted[sorted.length - 1];
   const planPrefix = `${planName}/`;
-  const inFlight = new Set<Promise<void>>();
-  let failure: unknown;
-  let deleted = 0;
-  const send = async (keys: string[]): Promise<void> => {
-    const request = store.deleteMany!(keys).then(
-      () => {
-        deleted += keys.length;
-        heartbeat({ objectsDeleted: deleted });
-      },
-      (error: unknown) => {
-        failure ??= error;
-      },
-    );
-    inFlight.add(request);
-    void request.finally(() => inFlight.delete(request));
-    if (inFlight.size >= BULK_DELETES_IN_FLIGHT) await Promise.race(inFlight);
-  };
-
-  let keys: string[] = [];
   // The folder's prefix with its "/" sorts before its keys. With StartAfter
   // set to the name without "/", SeaweedFS 4.48 left that folder's keys out.
   for await (const object of store.listAfter!(planPrefix, `${planPrefix}${sorted[0]}/`)) {
-    if (failure) break;
+    if (deleter.failed) break;
     const rest = object.key.slice(planPrefix.length);
     const id = rest.slice(0, rest.indexOf('/'));
     if (id > last) break;
-    if (!wanted.has(id)) continue;
-    keys.push(object.key);
-    if (keys.length === 1000) {
-      await send(keys);
-      keys = [];
-    }
+    if (wanted.has(id)) await deleter.add(object.key);
   }
-  if (keys.length > 0 && !failure) await send(keys);
-  await Promise.all(inFlight);
-  if (failure) throw failure;
+  await deleter.finish();
+}
+
+/** Keys of one backup folder to delete, from planRetention's listing. */
+type BatchContents = Map<string, { keySet?: string[]; drillReports: string[] }>;
+
+/** Gathers keys into DeleteObjects batches of 1,000 and keeps BULK_DELETES_IN_FLIGHT of them running. */
+class BulkDeleter {
+  private keys: string[] = [];
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: unknown;
+  private deleted = 0;
+
+  constructor(private readonly store: BlobStore) {}
+
+  get failed(): boolean {
+    return this.failure !== undefined;
+  }
+
+  async add(key: string): Promise<void> {
+    this.keys.push(key);
+    if (this.keys.length === 1000) await this.send();
+  }
+
+  async finish(): Promise<void> {
+    if (this.keys.length > 0 && !this.failed) await this.send();
+    await Promise.all(this.inFlight);
+    if (this.failed) throw this.failure;
+  }
+
+  private async send(): Promise<void> {
+    const keys = this.keys;
+    this.keys = [];
+    const request = this.store.deleteMany!(keys).then(
+      () => {
+        this.deleted += keys.length;
+        heartbeat({ objectsDeleted: this.deleted });
+      },
+      (error: unknown) => {
+        this.failure ??= error;
+      },
+    );
+    this.inFlight.add(request);
+    void request.finally(() => this.inFlight.delete(request));
+    if (this.inFlight.size >= BULK_DELETES_IN_FLIGHT) await Promise.race(this.inFlight);
+  }
+}
+
+/** Pairs each backup id with its keys from FolderContents. */
+function batchContents(backupIds: string[], contents: FolderContents): BatchContents {
+  const batch: BatchContents = new Map();
+  backupIds.forEach((id, index) => {
+    const keySetIndex = contents.keySetOf[index] ?? -1;
+    batch.set(id, { keySet: keySetIndex >= 0 ? contents.keySets[keySetIndex] : undefined, drillReports: contents.drillReports[id] ?? [] });
+  });
+  return batch;
 }
 
 async function deleteFolder(store: BlobStore, prefix: string): Promise<void> {
@@ -421,7 +596,14 @@ async function deleteFolder(store: BlobStore, prefix: string): Promise<void> {
  * drills are asked again here, right before the deletes, because a drill
  * may have started since the decision.
  */
-export async function deleteBackups(input: { plan: Plan; destination?: string; backupIds: string[]; checkDrills?: boolean }): Promise<{
+export async function deleteBackups(input: {
+  plan: Plan;
+  destination?: string;
+  backupIds: string[];
+  /** What planRetention listed in these folders: `keySetOf` follows `backupIds`. */
+  contents?: FolderContents;
+  checkDrills?: boolean;
+}): Promise<{
   deleted: string[];
   skipped: Array<{ backupId: string; workflowId: string }>;
 }> {
@@ -438,7 +620,7 @@ export async function deleteBackups(input: { plan: Plan; destination?: string; b
     .map((id) => ({ backupId: id, workflowId: protectedIds.get(id)! }));
   const toDelete = input.backupIds.filter((id) => !protectedIds.has(id));
   if (store.deleteMany && store.listAfter) {
-    await deleteInBulk(store, plan.name, toDelete);
+    await deleteInBulk(store, plan.name, toDelete, input.contents && batchContents(input.backupIds, input.contents));
   } else {
     let done = 0;
     await mapLimit(toDelete, DELETE_CONCURRENCY, async (backupId) => {

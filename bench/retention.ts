@@ -2,10 +2,11 @@
 // mini`, test/harness/s3-server.ts). It creates N backup folders, each with
 // a manifest and one small artifact, one backup an hour back from now. Then
 // it times the retention activities as the worker runs them, without
-// Temporal around them. planRetention lists every key of the plan, reads the
-// manifests of the backups it keeps and decides. deleteBackups deletes the
-// manifests first, then the other objects, with DeleteObjects, in batches
-// of 5,000 backups as retentionWorkflow sends them.
+// Temporal around them. planRetention lists every key of the plan (folder
+// names first, then ranges of folders side by side), reads the manifests of
+// the backups it keeps and decides. deleteBackups deletes the manifests
+// first, then the other keys that planRetention found, with DeleteObjects,
+// in batches of 5,000 backups as retentionWorkflow sends them.
 //
 //   npx tsc -p . && node dist/bench/retention.js [--backups 10000] [--concurrency 32]
 //
@@ -92,7 +93,8 @@ async function main(): Promise<void> {
     const deleteStart = performance.now();
     // Batches of 5,000 ids, as retentionWorkflow sends them.
     for (let start = 0; start < report.deleted.length; start += 5000) {
-      await deleteBackups({ plan, backupIds: report.deleted.slice(start, start + 5000), checkDrills: false });
+      const contents = { ...report.contents, keySetOf: report.contents.keySetOf.slice(start, start + 5000) };
+      await deleteBackups({ plan, backupIds: report.deleted.slice(start, start + 5000), contents, checkDrills: false });
     }
     const deleteSeconds = (performance.now() - deleteStart) / 1000;
     const loadAfter = loadLine();

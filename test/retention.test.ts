@@ -17,7 +17,8 @@ import { LocalBlobStore } from '../activities/storage/local';
 import { S3BlobStore } from '../activities/storage/s3';
 import type { BlobStore } from '../activities/storage';
 import { makeBackupId } from '../common/layout';
-import type { RetentionRunReport as RetentionReport } from '../activities/retention';
+import { deleteBackups, planRetention, type RetentionRunReport as RetentionReport } from '../activities/retention';
+import type { Plan } from '../common/plan';
 import { freePort } from './harness/ports';
 import { runsDirectory } from './harness/process';
 import { startS3Server, type S3Server } from './harness/s3-server';
@@ -481,4 +482,76 @@ test('retention prunes every replica', async () => {
   assert.equal(text.status, 1);
   assert.match(text.stdout, /^down: s3:\/\/opa-backups\//m);
   assert.match(text.stdout, /FAILED: /);
+});
+
+test('retention lists in ranges and deletes what the listing found', async () => {
+  // 1,100 folders make three listing ranges. Their artifacts have 80
+  // different names, more key sets than planRetention keeps, so some
+  // folders are listed again at delete time. Every 100th has a drill report.
+  const plan = {
+    name: 'ranges',
+    destination: { s3: { bucket: 'opa-backups', prefix: 'ranges-test', endpoint: s3.endpoint, region: s3.region } },
+    encryption: { unencrypted: true },
+    sources: { opa: [{ name: 'edge-1', url: 'http://127.0.0.1:9' }] },
+    retention: { keepLast: 10 },
+  } as Plan;
+  const store = new S3BlobStore(plan.destination.s3!);
+  const now = new Date('2026-12-04T00:00:00Z');
+  const ids = Array.from({ length: 1100 }, (_, index) =>
+    makeBackupId(new Date(now.getTime() - (index + 1) * 3_600_000), index.toString(16).padStart(8, '0')),
+  ).sort();
+  const uncommitted = makeBackupId(new Date('2025-01-01T00:00:00Z'), 'ffffffff');
+  const writes: Array<[string, string]> = [
+    [`ranges/${uncommitted}/opa/edge-1.tar.gz`, 'never sealed'],
+    ['ranges/notes/readme.txt', 'not a backup folder'],
+  ];
+  ids.forEach((backupId, index) => {
+    writes.push([`ranges/${backupId}/opa/edge-${index % 80}.tar.gz`, `bundle ${index}`]);
+    writes.push([`ranges/${backupId}/manifest.json`, JSON.stringify({ backupId, status: 'complete', artifacts: [] })]);
+    if (index % 100 === 0) writes.push([`ranges/${backupId}/drills/20261201T000000Z.json`, JSON.stringify({ outcome: 'failed' })]);
+  });
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: 32 }, async () => {
+      while (next < writes.length) {
+        const [key, text] = writes[next++];
+        await put(store, key, text);
+      }
+    }),
+  );
+
+  const report = await planRetention({ plan, now: now.toISOString() });
+  assert.equal(report.backups, ids.length, 'every committed folder is found once');
+  assert.deepEqual(
+    report.kept.map((kept) => kept.id),
+    ids.slice(-10),
+  );
+  assert.deepEqual(report.deleted, ids.slice(0, -10));
+  assert.ok(report.contents.keySets.length <= 64);
+  assert.ok(report.contents.keySetOf.includes(-1), 'some folders have a key set beyond the kept ones');
+  assert.equal(Object.keys(report.contents.drillReports).length, 11);
+
+  // An object written after the listing into a folder whose keys were kept
+  // stays behind, in a folder without a manifest. A folder listed again at
+  // delete time would lose it too.
+  const late = report.deleted.find((_, index) => report.contents.keySetOf[index] >= 0)!;
+  await put(store, `ranges/${late}/opa/late.tar.gz`, 'written after the listing');
+  await deleteBackups({ plan, backupIds: report.deleted, contents: report.contents, checkDrills: false });
+
+  const left: string[] = [];
+  for await (const object of store.list('ranges/')) left.push(object.key);
+  const expected = [
+    ...writes.map(([key]) => key).filter((key) => ids.slice(-10).some((id) => key.startsWith(`ranges/${id}/`))),
+    `ranges/${uncommitted}/opa/edge-1.tar.gz`,
+    'ranges/notes/readme.txt',
+    `ranges/${late}/opa/late.tar.gz`,
+  ].sort();
+  assert.deepEqual(left.sort(), expected);
+
+  const later = await planRetention({ plan, now: new Date(Date.now() + 2 * 86_400_000).toISOString() });
+  assert.deepEqual(later.deleted, []);
+  assert.deepEqual(
+    later.leftovers.map((leftover) => leftover.id),
+    [uncommitted, late].sort(),
+  );
 });

@@ -116,10 +116,15 @@ async function pruneDestination(
     result.future = report.future;
     result.unreadable = report.unreadable;
     result.missingReferences = report.missingReferences;
-    const toDelete = report.deleted.filter((id) => {
-      if (!options.used.has(id)) return true;
-      result.kept.push({ id, reasons: [`used by running drill ${options.used.get(id)}`] });
-      return false;
+    const toDelete: string[] = [];
+    const keySetOf: number[] = [];
+    report.deleted.forEach((id, index) => {
+      if (options.used.has(id)) {
+        result.kept.push({ id, reasons: [`used by running drill ${options.used.get(id)}`] });
+        return;
+      }
+      toDelete.push(id);
+      keySetOf.push(report.contents?.keySetOf[index] ?? -1);
     });
     result.kept.sort((a, b) => compareStrings(a.id, b.id));
     if (options.dryRun) {
@@ -132,7 +137,12 @@ async function pruneDestination(
     const skipped: string[] = [];
     for (let start = 0; start < toDelete.length; start += DELETE_BATCH) {
       const batch = toDelete.slice(start, start + DELETE_BATCH);
-      const deleted = await storage.deleteBackups({ plan, destination: name, backupIds: batch });
+      const contents = report.contents && {
+        keySets: report.contents.keySets,
+        keySetOf: keySetOf.slice(start, start + DELETE_BATCH),
+        drillReports: Object.fromEntries(batch.filter((id) => report.contents.drillReports[id]).map((id) => [id, report.contents.drillReports[id]])),
+      };
+      const deleted = await storage.deleteBackups({ plan, destination: name, backupIds: batch, contents });
       result.deleted.push(...deleted.deleted);
       for (const entry of deleted.skipped) {
         skipped.push(entry.backupId);
