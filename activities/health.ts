@@ -131,20 +131,18 @@ function planSources(plan: Plan): Array<{ kind: PlanSourceKind; name: string }> 
 }
 
 /**
- * Activity: checks the plan's stored backups and drill reports against
- * `health.maxBackupAge` and `health.maxDrillAge`. Manifests are read newest
- * first until the newest complete backup, which stores every source the
- * plan had then, so the reads stop early on a healthy plan. In the worker it
- * also sets the last success metrics from what it found, so they survive a
- * worker restart.
+ * Reads manifests newest first until the newest complete backup, and judges
+ * its age against `health.maxBackupAge`. Also returns, per source, the
+ * newest backup on the way that stored it.
  */
-export async function checkStoredBackups(input: { plan: Plan }): Promise<HealthCheck[]> {
-  const { plan } = input;
+async function checkNewestBackup(
+  store: BlobStore,
+  plan: Plan,
+  sealed: string[],
+  name: string,
+  now: number,
+): Promise<{ check: HealthCheck; newestComplete?: { backupId: string; completedAt: string }; sourceTimes: Map<string, { backupId: string; completedAt: string }> }> {
   const limits = plan.health ?? {};
-  const store = openBlobStore(plan.destination);
-  const now = Date.now();
-  const { sealed, drillReports } = await listStoredObjects(store, plan.name);
-
   let newestComplete: { backupId: string; completedAt: string } | undefined;
   let newestAny: { backupId: string; status: string } | undefined;
   const unreadable: string[] = [];
@@ -168,32 +166,72 @@ export async function checkStoredBackups(input: { plan: Plan }): Promise<HealthC
     if (manifest.status === 'complete') newestComplete = { backupId, completedAt: manifest.completedAt };
   }
 
-  const checks: HealthCheck[] = [];
+  const limit = limits.maxBackupAge ? { limit: limits.maxBackupAge } : {};
   const unreadableNote = unreadable.length > 0 ? `; unreadable manifests skipped: ${unreadable.slice(0, 3).join('; ')}` : '';
-  if (newestComplete) {
-    const ageSeconds = (now - Date.parse(newestComplete.completedAt)) / 1000;
-    const { state, reason } = judgeAge(ageSeconds, limits.maxBackupAge, `newest complete backup ${newestComplete.backupId} completed`);
-    const newer = newestAny && newestAny.backupId !== newestComplete.backupId ? `; newer backup ${newestAny.backupId} is ${newestAny.status}` : '';
-    checks.push({
-      name: 'backup',
+  if (!newestComplete) {
+    const found = newestAny ? `; the newest backup, ${newestAny.backupId}, is ${newestAny.status}` : '';
+    return {
+      check: {
+        name,
+        kind: 'backup',
+        state: limits.maxBackupAge ? 'stale' : 'unknown',
+        reason: `no complete backup of plan ${plan.name} in ${store.description}${found}${unreadableNote}`,
+        ...limit,
+      },
+      sourceTimes,
+    };
+  }
+  const ageSeconds = (now - Date.parse(newestComplete.completedAt)) / 1000;
+  const { state, reason } = judgeAge(ageSeconds, limits.maxBackupAge, `newest complete backup ${newestComplete.backupId} completed`);
+  const newer = newestAny && newestAny.backupId !== newestComplete.backupId ? `; newer backup ${newestAny.backupId} is ${newestAny.status}` : '';
+  return {
+    check: {
+      name,
       kind: 'backup',
       state,
       reason: reason + newer + unreadableNote,
       time: newestComplete.completedAt,
       ageSeconds,
       backupId: newestComplete.backupId,
-      ...(limits.maxBackupAge ? { limit: limits.maxBackupAge } : {}),
-    });
-  } else {
-    const found = newestAny ? `; the newest backup, ${newestAny.backupId}, is ${newestAny.status}` : '';
-    checks.push({
-      name: 'backup',
-      kind: 'backup',
-      state: limits.maxBackupAge ? 'stale' : 'unknown',
-      reason: `no complete backup of plan ${plan.name} in ${store.description}${found}${unreadableNote}`,
-      ...(limits.maxBackupAge ? { limit: limits.maxBackupAge } : {}),
-    });
-  }
+      ...limit,
+    },
+    newestComplete,
+    sourceTimes,
+  };
+}
+
+/**
+ * Activity: the age of the newest complete backup in one replica of the
+ * plan, checked as `checkStoredBackups` checks the primary's. A replica
+ * that was down during the last backups contains only older ones, and
+ * this check shows it. The check is named "backup <replica>".
+ */
+export async function checkReplicaBackups(input: { plan: Plan; replica: string }): Promise<HealthCheck[]> {
+  const { plan } = input;
+  const replica = (plan.replicas ?? []).find((candidate) => candidate.name === input.replica);
+  if (!replica) throw new Error(`plan ${plan.name} has no replica named "${input.replica}"`);
+  const store = openBlobStore(replica);
+  const { sealed } = await listStoredObjects(store, plan.name);
+  const { check } = await checkNewestBackup(store, plan, sealed, `backup ${replica.name}`, Date.now());
+  return [check];
+}
+
+/**
+ * Activity: checks the plan's stored backups and drill reports against
+ * `health.maxBackupAge` and `health.maxDrillAge`. Manifests are read newest
+ * first until the newest complete backup, which stores every source the
+ * plan had then, so the reads stop early on a healthy plan. In the worker it
+ * also sets the last success metrics from what it found, so they survive a
+ * worker restart.
+ */
+export async function checkStoredBackups(input: { plan: Plan }): Promise<HealthCheck[]> {
+  const { plan } = input;
+  const limits = plan.health ?? {};
+  const store = openBlobStore(plan.destination);
+  const now = Date.now();
+  const { sealed, drillReports } = await listStoredObjects(store, plan.name);
+  const { check: backupCheck, newestComplete, sourceTimes } = await checkNewestBackup(store, plan, sealed, 'backup', now);
+  const checks: HealthCheck[] = [backupCheck];
 
   for (const source of planSources(plan)) {
     const key = `${source.kind}/${source.name}`;
@@ -409,6 +447,11 @@ export async function checkOpaBundles(input: { plan: Plan; source: string }): Pr
   return checks;
 }
 
+/** Returns the check of a destination whose backups could not be listed or read. */
+function unreadableBackups(plan: Plan, name: string, error: unknown): HealthCheck {
+  return { name, kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${(error as Error).message}` };
+}
+
 /** Builds the report of a set of checks. */
 export function healthReport(plan: string, checks: HealthCheck[], checkedAt: string, ranBy: HealthReport['ranBy']): HealthReport {
   return { plan, checkedAt, ranBy, checks, stale: checks.filter((check) => check.state === 'stale').map((check) => check.name) };
@@ -418,9 +461,10 @@ export function healthReport(plan: string, checks: HealthCheck[], checkedAt: str
 export async function runHealthChecks(plan: Plan): Promise<HealthReport> {
   const checkedAt = new Date().toISOString();
   const opaChecks = (plan.sources.opa ?? []).map((source) => checkOpaBundles({ plan, source: source.name }));
-  const stored = checkStoredBackups({ plan }).catch((error: unknown): HealthCheck[] => [
-    { name: 'backup', kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${(error as Error).message}` },
-  ]);
-  const results = await Promise.all([stored, ...opaChecks]);
+  const stored = checkStoredBackups({ plan }).catch((error: unknown): HealthCheck[] => [unreadableBackups(plan, 'backup', error)]);
+  const replicas = (plan.replicas ?? []).map((replica) =>
+    checkReplicaBackups({ plan, replica: replica.name }).catch((error: unknown): HealthCheck[] => [unreadableBackups(plan, `backup ${replica.name}`, error)]),
+  );
+  const results = await Promise.all([stored, ...replicas, ...opaChecks]);
   return healthReport(plan.name, results.flat(), checkedAt, 'local');
 }

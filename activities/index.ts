@@ -18,4 +18,4 @@ export {
   cleanupDrill,
 } from './drill/activities';
 export { recordBackupMetrics, recordDrillMetrics } from './metrics';
-export { checkOpaBundles, checkStoredBackups } from './health';
+export { checkOpaBundles, checkReplicaBackups, checkStoredBackups } from './health';

@@ -73,7 +73,7 @@ interface FolderSummary {
 /**
  * Distinct key sets kept from a listing. A folder's key set is its keys
  * relative to the folder, drill reports left out. Backups of one plan
- * mostly hold the same names (manifest.json, opa/edge-1.tar.gz, ...), so a
+ * mostly contain the same names (manifest.json, opa/edge-1.tar.gz, ...), so a
  * few sets describe thousands of folders.
  */
 const MAX_KEY_SETS = 64;

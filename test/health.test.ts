@@ -232,3 +232,30 @@ test('unreachable OPA is unknown, not stale', async () => {
   assert.match(opa.reason, /ECONNREFUSED/);
   assert.deepEqual(report.stale, []);
 });
+
+test('health checks the newest backup in each replica', async () => {
+  const mirror = path.join(folder, 'mirror');
+  const plan: Plan = {
+    ...planOf('health-replicas', { maxBackupAge: '1h' }),
+    replicas: [{ name: 'mirror', local: { path: mirror } }],
+  };
+  const backup = await stack.backup(plan);
+  assert.equal(backup.status, 'complete');
+
+  // A replica added after the backup contains none of it: stale, and named.
+  const widened: Plan = { ...plan, replicas: [...plan.replicas!, { name: 'late', local: { path: path.join(folder, 'late-mirror') } }] };
+  const report = await runHealthWorkflow(widened);
+  const copy = check(report, 'backup mirror');
+  assert.equal(copy.state, 'ok');
+  assert.equal(copy.backupId, backup.backupId);
+  const late = check(report, 'backup late');
+  assert.equal(late.state, 'stale');
+  assert.match(late.reason, /no complete backup of plan health-replicas in local folder .*late-mirror/);
+  assert.equal(check(report, 'backup').state, 'ok');
+  assert.deepEqual(report.stale, ['backup late']);
+
+  const local = spawnSync(process.execPath, [cli, 'status', '--plan', writePlanFile(widened), '--local'], { encoding: 'utf8', timeout: 120_000 });
+  assert.equal(local.status, 6, local.stderr);
+  assert.match(local.stdout, /^backup mirror\s+ok\s/m);
+  assert.match(local.stdout, /^backup late\s+STALE\s/m);
+});

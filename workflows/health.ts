@@ -1,8 +1,9 @@
-// healthWorkflow: checks how old a plan's newest complete backup, each
-// source's newest stored artifact and its newest passed restore drill are,
-// and which bundles each OPA source has loaded, against the plan's `health`
-// limits. Each OPA source is its own activity, so one unreachable OPA makes
-// its own check unknown and leaves the others alone.
+// healthWorkflow: checks the plan's `health` limits against the age of the
+// newest complete backup (in the primary destination and in each replica),
+// of each source's newest stored artifact and of the newest passed restore
+// drill, and lists the bundles each OPA source has loaded. Each OPA
+// source and each replica is its own activity, so one that cannot be
+// reached makes its own check unknown and leaves the others alone.
 import { ActivityFailure, ApplicationFailure, proxyActivities } from '@temporalio/workflow';
 import type * as activities from '../activities';
 import type { HealthCheck, HealthReport } from '../activities/health';
@@ -44,14 +45,18 @@ export async function healthWorkflow(input: HealthWorkflowInput): Promise<Health
   // Workflow time is deterministic: it is the time of the task that runs this line.
   const checkedAt = new Date().toISOString();
 
-  const stored = checkActivities.checkStoredBackups({ plan }).catch((error: unknown): HealthCheck[] => [
-    { name: 'backup', kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${failureMessage(error)}` },
-  ]);
+  const unreadable = (name: string, error: unknown): HealthCheck[] => [
+    { name, kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${failureMessage(error)}` },
+  ];
+  const stored = checkActivities.checkStoredBackups({ plan }).catch((error: unknown) => unreadable('backup', error));
+  const replicas = (plan.replicas ?? []).map((replica) =>
+    checkActivities.checkReplicaBackups({ plan, replica: replica.name }).catch((error: unknown) => unreadable(`backup ${replica.name}`, error)),
+  );
   const bundles = (plan.sources.opa ?? []).map((source) =>
     checkActivities.checkOpaBundles({ plan, source: source.name }).catch((error: unknown): HealthCheck[] => [
       { name: `opa ${source.name}`, kind: 'opa', state: 'unknown', reason: `cannot check OPA "${source.name}": ${failureMessage(error)}` },
     ]),
   );
-  const checks = (await Promise.all([stored, ...bundles])).flat();
+  const checks = (await Promise.all([stored, ...replicas, ...bundles])).flat();
   return { plan: plan.name, checkedAt, ranBy: 'temporal', checks, stale: checks.filter((check) => check.state === 'stale').map((check) => check.name) };
 }
