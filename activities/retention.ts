@@ -40,6 +40,14 @@ export function openNamedDestination(plan: Plan, name: string = PRIMARY_DESTINAT
   return openBlobStore(replica);
 }
 
+/**
+ * Backups one run deletes in a destination at most. The ids travel in
+ * activity results and in the workflow's result, which Temporal limits to
+ * 2 MB each by default: 10,000 ids are about 280 KB, so three destinations
+ * fit. A larger backlog goes over several runs, oldest first.
+ */
+export const MAX_DELETES_PER_RUN = 10_000;
+
 /** Default age after which an uncommitted folder or an unfinished upload is abandoned. */
 export const DEFAULT_LEFTOVER_GRACE = '24h';
 
@@ -324,6 +332,8 @@ export async function planRetention(input: {
   destination?: string;
   dryRun?: boolean;
   now?: string;
+  /** @default MAX_DELETES_PER_RUN */
+  maxDeletes?: number;
 }): Promise<RetentionPlanReport> {
   const { plan } = input;
   const now = input.now ? new Date(input.now) : new Date();
@@ -356,10 +366,13 @@ export async function planRetention(input: {
     }
   }
 
+  const maxDeletes = input.maxDeletes ?? MAX_DELETES_PER_RUN;
+  const deferred = Math.max(0, decision.delete.length - maxDeletes);
+  const deleted = decision.delete.slice(0, maxDeletes);
   const byId = new Map(folders.map((folder) => [folder.id, folder]));
   const contents: FolderContents = { keySets: [], keySetOf: [], drillReports: {} };
   const usedKeySets = new Map<number, number>();
-  for (const id of decision.delete) {
+  for (const id of deleted) {
     const folder = byId.get(id)!;
     let index = folder.keySet;
     if (index >= 0) {
@@ -383,7 +396,8 @@ export async function planRetention(input: {
     dryRun: input.dryRun ?? false,
     backups: committed.length,
     kept,
-    deleted: decision.delete,
+    deleted,
+    ...(deferred > 0 ? { deferred } : {}),
     future: decision.future,
     unreadable,
     missingReferences: decision.missingReferences,
@@ -398,6 +412,7 @@ export async function planRetention(input: {
       manifestsRead,
       kept: kept.length,
       toDelete: report.deleted.length,
+      deferred,
       future: report.future.length,
       unreadable: unreadable.length,
       leftovers: leftovers.length,

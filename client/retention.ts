@@ -48,6 +48,9 @@ function printDestination(report: DestinationRetention, dryRun: boolean, print: 
     print(`  ${uploadVerb} unfinished upload of ${upload.key} (started ${upload.initiated ?? 'at an unknown time'})`);
   }
   print(`  ${report.backups} backups: ${report.kept.length} kept, ${report.deleted.length} ${verb}`);
+  if (report.deferred) {
+    print(`  ${report.deferred} newer backups that no rule keeps are left for the next run, which deletes the oldest first`);
+  }
   if (report.state === 'failed') {
     print(`  FAILED: ${report.error}; the next run tries this destination again`);
   }

@@ -319,6 +319,12 @@ export interface RetentionReport {
   kept: KeptBackup[];
   /** Backups deleted, or to delete in a dry run, oldest first. */
   deleted: string[];
+  /**
+   * Backups that no rule keeps beyond the most one run deletes (the newest
+   * of them): left for the next run, so that a report stays within
+   * Temporal's payload limits.
+   */
+  deferred?: number;
   /** Backups dated after decidedAt: kept, because their clock or id is wrong. */
   future: string[];
   /** Backups whose manifest cannot be read: kept for a person to look at. */

@@ -520,16 +520,25 @@ test('retention lists in ranges and deletes what the listing found', async () =>
     }),
   );
 
-  const report = await planRetention({ plan, now: now.toISOString() });
-  assert.equal(report.backups, ids.length, 'every committed folder is found once');
+  // A run deletes at most maxDeletes backups, the oldest, and defers the rest.
+  const first = await planRetention({ plan, now: now.toISOString(), maxDeletes: 1000 });
+  assert.equal(first.backups, ids.length, 'every committed folder is found once, over three listing ranges');
+  assert.deepEqual(first.deleted, ids.slice(0, 1000));
+  assert.equal(first.deferred, 90);
+  await deleteBackups({ plan, backupIds: first.deleted, contents: first.contents, checkDrills: false });
+
+  const report = await planRetention({ plan, now: now.toISOString(), maxDeletes: 1000 });
+  assert.equal(report.backups, 100);
+  assert.equal(report.deferred, undefined);
   assert.deepEqual(
     report.kept.map((kept) => kept.id),
     ids.slice(-10),
   );
-  assert.deepEqual(report.deleted, ids.slice(0, -10));
+  assert.deepEqual(report.deleted, ids.slice(1000, -10));
   assert.ok(report.contents.keySets.length <= 64);
   assert.ok(report.contents.keySetOf.includes(-1), 'some folders have a key set beyond the kept ones');
-  assert.equal(Object.keys(report.contents.drillReports).length, 11);
+  assert.equal(Object.keys(first.contents.drillReports).length, 10);
+  assert.equal(Object.keys(report.contents.drillReports).length, 1);
 
   // An object written after the listing into a folder whose keys were kept
   // stays behind, in a folder without a manifest. A folder listed again at

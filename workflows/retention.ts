@@ -116,6 +116,7 @@ async function pruneDestination(
     result.future = report.future;
     result.unreadable = report.unreadable;
     result.missingReferences = report.missingReferences;
+    if (report.deferred) result.deferred = report.deferred;
     const toDelete: string[] = [];
     const keySetOf: number[] = [];
     report.deleted.forEach((id, index) => {
