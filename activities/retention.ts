@@ -87,8 +87,8 @@ interface FolderSummary {
 const MAX_KEY_SETS = 64;
 
 /**
- * What planRetention listed in the folders it decided to delete, so that
- * deleteBackups deletes without listing them again. `keySets` are relative
+ * Keys that planRetention listed in the folders it decided to delete, so
+ * that deleteBackups deletes without listing them again. `keySets` are relative
  * key sets; `keySetOf[i]` is the index of `deleted[i]`'s set, or -1 when it
  * is not known and the folder must be listed. `drillReports` has the
  * relative keys of drill reports, by backup id. An object written into a
@@ -164,10 +164,10 @@ class KeySetTable {
  * ids are not opa-backup's and are skipped.
  *
  * A listing returns 1,000 keys a request, one request after another. When
- * the store can list from a key, the folder names come first (one name per
- * folder, not one key per object), and ranges of folders are then listed
- * side by side, LISTINGS_IN_FLIGHT at once: 2.9 s became 1.7 s for 20,000
- * keys on SeaweedFS. The ranges meet at folder boundaries and the last one
+ * the store can list from a key, the folder names come first: one name per
+ * folder, not one key per object. Ranges of folders are then listed side
+ * by side, LISTINGS_IN_FLIGHT at once. On SeaweedFS, 20,000 keys took 1.7 s
+ * that way and 2.9 s in one listing. The ranges meet at folder boundaries and the last one
  * has no end, so together they cover every key, including folders created
  * since the names were listed.
  */
