@@ -8,7 +8,7 @@ import { Context } from '@temporalio/activity';
 import { compareStrings } from '../common/compare';
 import { manifestKey } from '../common/layout';
 import type { Manifest } from '../common/manifest';
-import { MANIFEST_FILE } from '../common/manifest';
+import { MANIFEST_FILE, statusInDestination } from '../common/manifest';
 import type { Plan } from '../common/plan';
 import { parseDuration } from '../common/retention';
 import { failureSourceName, recordDrillSuccess, recordSourceSuccess, sourceKindOf } from './metrics';
@@ -163,7 +163,7 @@ async function checkNewestBackup(
       const key = `${sourceKindOf(artifact.kind)}/${artifact.source}`;
       if (!failed.has(key) && !sourceTimes.has(key)) sourceTimes.set(key, { backupId, completedAt: manifest.completedAt });
     }
-    if (manifest.status === 'complete') newestComplete = { backupId, completedAt: manifest.completedAt };
+    if (statusInDestination(manifest) === 'complete') newestComplete = { backupId, completedAt: manifest.completedAt };
   }
 
   const limit = limits.maxBackupAge ? { limit: limits.maxBackupAge } : {};

@@ -6,7 +6,7 @@
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import { compareStrings } from '../common/compare';
 import { backupIdTime, isBackupId, manifestKey } from '../common/layout';
-import { MANIFEST_FILE } from '../common/manifest';
+import { MANIFEST_FILE, statusInDestination, type Manifest } from '../common/manifest';
 import { FailureType } from '../common/failures';
 import { planWorkflowId, PRIMARY_DESTINATION, type Plan } from '../common/plan';
 import {
@@ -238,6 +238,7 @@ async function summariseRange(
 
 interface ManifestFacts {
   status?: unknown;
+  failures?: Array<{ kind?: unknown }>;
   artifacts?: Array<{ storedIn?: unknown }>;
 }
 
@@ -261,7 +262,8 @@ async function readCandidate(
   const references = (manifest.artifacts ?? [])
     .map((artifact) => artifact.storedIn)
     .filter((storedIn): storedIn is string => typeof storedIn === 'string' && storedIn !== backupId);
-  return { id: backupId, time: backupIdTime(backupId)!, status: manifest.status, verified, references: [...new Set(references)] };
+  const status = statusInDestination(manifest as Pick<Manifest, 'status' | 'failures'>);
+  return { id: backupId, time: backupIdTime(backupId)!, status, verified, references: [...new Set(references)] };
 }
 
 /** Returns the ids of backups with a drill report whose outcome is "passed". */

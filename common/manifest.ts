@@ -228,6 +228,18 @@ export interface Manifest {
   failures: SourceFailure[];
 }
 
+/**
+ * Status of a backup as seen from a destination that has its manifest.
+ * The manifest is written only to destinations that contain every
+ * artifact, so a backup that is partial only because another destination
+ * missed it is complete here.
+ */
+export function statusInDestination(manifest: Pick<Manifest, 'status' | 'failures'>): Manifest['status'] {
+  if (manifest.status === 'complete') return 'complete';
+  const failures = Array.isArray(manifest.failures) ? manifest.failures : [];
+  return failures.length > 0 && failures.every((failure) => failure?.kind === 'destination') ? 'complete' : 'partial';
+}
+
 export interface DestinationState {
   /** "primary" for the plan's destination, or a replica's name. */
   name: string;

@@ -32,6 +32,7 @@ export type KeepRule =
   | 'yearly'
   | 'within'
   | 'newestVerified'
+  | 'newestComplete'
   | 'future'
   | 'noRules'
   | 'referenced';
@@ -159,7 +160,8 @@ export function periodOf(rule: BucketRule, time: Date, timeZone: string): string
 
 /**
  * Decides which backups to keep. Backups dated after `options.now` are kept
- * and reported. The newest verified backup is always kept, so is every
+ * and reported. The newest verified backup and the newest complete backup
+ * are always kept, so is every
  * backup a kept backup references, and with no rules every backup is kept.
  */
 export function applyRetention(
@@ -187,6 +189,11 @@ export function applyRetention(
 
   const newestVerified = current.find((backup) => backup.verified);
   if (newestVerified) keep(newestVerified.id, { rule: 'newestVerified' });
+  // Without this, keepLast over backups where one source kept failing
+  // would delete the last copy of that source's data. It is named only
+  // where no other rule keeps the backup.
+  const newestComplete = current.find((backup) => backup.status === 'complete');
+  if (newestComplete && reasons.get(newestComplete.id)!.length === 0) keep(newestComplete.id, { rule: 'newestComplete' });
 
   const missingReferences = keepReferenced(sorted, reasons, keep);
 
@@ -278,6 +285,8 @@ export function describeReason(reason: KeepReason): string {
       return 'keepWithin';
     case 'newestVerified':
       return 'newest verified backup';
+    case 'newestComplete':
+      return 'newest complete backup';
     case 'future':
       return 'dated in the future';
     case 'noRules':

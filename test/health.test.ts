@@ -259,3 +259,22 @@ test('health checks the newest backup in each replica', async () => {
   assert.match(local.stdout, /^backup mirror\s+ok\s/m);
   assert.match(local.stdout, /^backup late\s+STALE\s/m);
 });
+
+test('a backup a replica missed is complete in the primary', async () => {
+  // The replica's path is a file, so every put to it fails.
+  const blocked = path.join(folder, 'blocked-replica');
+  writeFileSync(blocked, 'not a folder');
+  const plan: Plan = {
+    ...planOf('health-missed', { maxBackupAge: '1h' }),
+    replicas: [{ name: 'blocked', local: { path: blocked } }],
+  };
+  const backup = await stack.backup(plan);
+  assert.equal(backup.status, 'partial');
+
+  const report = await runHealthWorkflow(plan);
+  const primary = check(report, 'backup');
+  assert.equal(primary.state, 'ok', primary.reason);
+  assert.equal(primary.backupId, backup.backupId);
+  assert.equal(check(report, 'backup blocked').state, 'stale');
+  assert.deepEqual(report.stale, ['backup blocked'], 'only the replica that missed the backup is stale');
+});

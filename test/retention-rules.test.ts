@@ -195,9 +195,25 @@ const rows: Row[] = [
   },
   {
     name: 'keepLast counts partial backups',
-    backups: ['2026-12-03T06:00:00Z', '2026-12-04T06:00:00Z p'],
+    backups: ['2026-12-02T06:00:00Z', '2026-12-03T06:00:00Z', '2026-12-04T06:00:00Z p'],
+    rules: { keepLast: 1 },
+    keep: ['2026-12-03T06:00:00Z', '2026-12-04T06:00:00Z'],
+    reasons: { '2026-12-04T06:00:00Z': ['keepLast'], '2026-12-03T06:00:00Z': ['newest complete backup'] },
+  },
+  {
+    name: 'newest complete backup outlives partial ones',
+    // One source failed in the last three runs: its newest data is in the 1 December backup.
+    backups: ['2026-11-30T06:00:00Z', '2026-12-01T06:00:00Z', '2026-12-02T06:00:00Z p', '2026-12-03T06:00:00Z p', '2026-12-04T06:00:00Z p'],
+    rules: { keepLast: 2 },
+    keep: ['2026-12-01T06:00:00Z', '2026-12-03T06:00:00Z', '2026-12-04T06:00:00Z'],
+    reasons: { '2026-12-01T06:00:00Z': ['newest complete backup'] },
+  },
+  {
+    name: 'newest complete backup is named only when no rule keeps it',
+    backups: ['2026-12-03T06:00:00Z', '2026-12-04T06:00:00Z'],
     rules: { keepLast: 1 },
     keep: ['2026-12-04T06:00:00Z'],
+    reasons: { '2026-12-04T06:00:00Z': ['keepLast'] },
   },
   {
     name: 'daily periods follow the time zone',
