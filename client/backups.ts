@@ -1,7 +1,7 @@
 // Reads the backups of a plan from its destination. A folder without a
 // manifest is not a backup (its sources may still be running, or it was
 // never sealed), so it is not listed.
-import { manifestKey } from '../common/layout';
+import { isBackupId, manifestKey } from '../common/layout';
 import type { Manifest } from '../common/manifest';
 import type { Plan } from '../common/plan';
 import { openDestinations, type BlobStore } from '../activities/storage';
@@ -45,7 +45,8 @@ export async function listBackups(plan: Plan): Promise<BackupList> {
   for (const destination of destinations) {
     try {
       for await (const backupId of destination.store.listFolders(`${plan.name}/`)) {
-        if (!(await destination.store.stat(manifestKey(plan.name, backupId)))) continue;
+        // Folders whose names are not backup ids are not opa-backup's, whatever they contain.
+        if (!isBackupId(backupId) || !(await destination.store.stat(manifestKey(plan.name, backupId)))) continue;
         holders.set(backupId, [...(holders.get(backupId) ?? []), destination]);
       }
     } catch (error) {

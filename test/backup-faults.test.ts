@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { randomBytes, createHash } from 'node:crypto';
 import type { WorkflowHandle } from '@temporalio/client';
@@ -243,6 +243,9 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
     assert.equal(result.failures[0].source, 'down');
     assert.match(run.stderr, /opa down: failed: snapshot of OPA "down" failed/);
 
+    // A folder that is not named as a backup is not one, even with a manifest in it.
+    mkdirSync(path.join(folder, 'cli', 'not-a-backup'));
+    copyFileSync(path.join(folder, 'cli', result.backupId, 'manifest.json'), path.join(folder, 'cli', 'not-a-backup', 'manifest.json'));
     const listing = spawnSync(process.execPath, [cli, 'list', '--plan', planFile, '--json'], { env: environment, encoding: 'utf8' });
     assert.equal(listing.status, 0, listing.stderr);
     const listed = JSON.parse(listing.stdout) as { backups: Array<{ backupId: string; status: string }> };
