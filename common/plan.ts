@@ -3,6 +3,7 @@
 // because a silently ignored typo (say "retension") is a policy that never
 // applies.
 import { z } from 'zod';
+import { parseDuration } from './retention';
 
 const NAME_PATTERN = /^[a-z0-9][a-z0-9_-]{0,62}$/;
 const DURATION_PATTERN = /^[1-9]\d*(ms|s|m|h|d)$/;
@@ -225,6 +226,22 @@ const destination = z
     }
   });
 
+/**
+ * Returns a key that is equal for two destinations that store in the same
+ * place: a local path with its "." segments, repeated and trailing slashes
+ * removed, or an S3 endpoint, bucket and prefix.
+ */
+function destinationLocation(destination: { local?: { path: string }; s3?: { bucket: string; prefix?: string; endpoint?: string; region?: string } }): string {
+  if (destination.local) {
+    const normalised = destination.local.path.split('/').filter((segment, index) => segment !== '.' && (segment !== '' || index === 0)).join('/');
+    return `local:${normalised || '/'}`;
+  }
+  const s3 = destination.s3;
+  if (!s3) return 'none';
+  const endpoint = s3.endpoint ? s3.endpoint.replace(/\/+$/, '').toLowerCase() : `aws:${s3.region ?? ''}`;
+  return `s3:${endpoint}|${s3.bucket}|${s3.prefix ?? ''}`;
+}
+
 /** Name of the plan's main destination in results and listings; replicas carry their own names. */
 export const PRIMARY_DESTINATION = 'primary';
 
@@ -327,6 +344,15 @@ function checkTiming(value: { cron?: string; every?: string; offset?: string }, 
   if (value.offset !== undefined && value.every === undefined) {
     context.addIssue({ code: 'custom', path: ['offset'], message: 'is only meaningful with "every"; remove it or use "every"' });
   }
+  if (value.offset !== undefined && value.every !== undefined && DURATION_PATTERN.test(value.offset) && DURATION_PATTERN.test(value.every)) {
+    if (parseDuration(value.offset) >= parseDuration(value.every)) {
+      context.addIssue({
+        code: 'custom',
+        path: ['offset'],
+        message: `"${value.offset}" must be shorter than every "${value.every}"; an offset is the phase within one interval`,
+      });
+    }
+  }
 }
 
 const timing = z.object(timingFields).strict().superRefine(checkTiming);
@@ -413,17 +439,19 @@ const health = z
   .strict();
 
 // Rules as restic's `forget` names them; docs/design.md lists where they differ.
+const keepCount = z.int().min(1, 'must be a whole number of at least 1; remove the rule to keep no backups by it');
+
 const retention = z
   .object({
     /** Keep the N newest backups. */
-    keepLast: z.int().min(1).optional(),
+    keepLast: keepCount.optional(),
     /** Keep the newest backup of each of the N newest hours that have one, in schedule.timezone. */
-    keepHourly: z.int().min(1).optional(),
-    keepDaily: z.int().min(1).optional(),
+    keepHourly: keepCount.optional(),
+    keepDaily: keepCount.optional(),
     /** ISO weeks, Monday to Sunday. */
-    keepWeekly: z.int().min(1).optional(),
-    keepMonthly: z.int().min(1).optional(),
-    keepYearly: z.int().min(1).optional(),
+    keepWeekly: keepCount.optional(),
+    keepMonthly: keepCount.optional(),
+    keepYearly: keepCount.optional(),
     /** Keep every backup taken within this duration before the newest backup. */
     keepWithin: duration.optional(),
     /** Age after which a folder without manifest.json, or an unfinished upload, counts as abandoned and is removed. @default "24h" */
@@ -549,11 +577,21 @@ export const planSchema = z
   .strict()
   .superRefine((plan, context) => {
     const replicaNames = new Set<string>();
+    const locations = new Map<string, string>([[destinationLocation(plan.destination), 'the destination']]);
     (plan.replicas ?? []).forEach((replica, index) => {
       if (replicaNames.has(replica.name)) {
         context.addIssue({ code: 'custom', path: ['replicas', index, 'name'], message: `duplicate replica name "${replica.name}"; each destination needs its own name` });
       }
       replicaNames.add(replica.name);
+      const location = destinationLocation(replica);
+      const same = locations.get(location);
+      if (same) {
+        context.addIssue({
+          code: 'custom',
+          path: ['replicas', index],
+          message: `is the same location as ${same}, so it adds no copy; point it at another folder or bucket`,
+        });
+      } else locations.set(location, `replica "${replica.name}"`);
     });
     const seen = new Map<string, string>();
     const kinds = {

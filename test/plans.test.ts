@@ -333,3 +333,57 @@ test('an identity that matches no recipient is named', () => {
   const matching = { ...plan, encryption: { ...plan.encryption, recipients: [other.recipient.toString(), identity.recipient.toString()] } };
   assert.deepEqual(checkPlanReferences(matching), []);
 });
+
+test('schedule offset must be shorter than its interval', () => {
+  const base = {
+    name: 'p',
+    destination: { local: { path: '/tmp/x' } },
+    encryption: { unencrypted: true },
+    sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+  };
+  assert.throws(
+    () => validatePlan({ ...base, schedule: { backup: { every: '1h', offset: '1h' } } }, 'inline'),
+    /schedule\.backup\.offset: "1h" must be shorter than every "1h"/,
+  );
+  assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { every: '1h', offset: '59m' } } }, 'inline'));
+});
+
+test('retention count below 1 names the fix', () => {
+  assert.throws(
+    () =>
+      validatePlan(
+        {
+          name: 'p',
+          destination: { local: { path: '/tmp/x' } },
+          encryption: { unencrypted: true },
+          sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+          retention: { keepLast: 0 },
+        },
+        'inline',
+      ),
+    /retention\.keepLast: must be a whole number of at least 1; remove the rule/,
+  );
+});
+
+test('a replica at the destination folder is rejected', () => {
+  const base = {
+    name: 'p',
+    destination: { local: { path: '/srv/backups' } },
+    encryption: { unencrypted: true },
+    sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+  };
+  assert.throws(
+    () => validatePlan({ ...base, replicas: [{ name: 'copy', local: { path: '/srv/backups/' } }] }, 'inline'),
+    /replicas\[0\]: is the same location as the destination, so it adds no copy/,
+  );
+  const bucket = { bucket: 'opa-backups', endpoint: 'http://127.0.0.1:9000', prefix: 'team' };
+  assert.throws(
+    () =>
+      validatePlan(
+        { ...base, replicas: [{ name: 'one', s3: bucket }, { name: 'two', s3: { ...bucket, endpoint: 'http://127.0.0.1:9000/' } }] },
+        'inline',
+      ),
+    /replicas\[1\]: is the same location as replica "one"/,
+  );
+  assert.doesNotThrow(() => validatePlan({ ...base, replicas: [{ name: 'one', s3: bucket }, { name: 'two', s3: { ...bucket, prefix: 'other' } }] }, 'inline'));
+});
