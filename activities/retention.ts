@@ -3,11 +3,10 @@
 // retention rules, find the backups that running restore drills use, and
 // delete. Each backup's manifest goes first, so an interrupted delete leaves
 // a folder that is no longer a backup, then the rest of its folder.
-import { ApplicationFailure, Context } from '@temporalio/activity';
+import { Context } from '@temporalio/activity';
 import { compareStrings } from '../common/compare';
 import { backupIdTime, isBackupId, manifestKey } from '../common/layout';
 import { MANIFEST_FILE, statusInDestination, type Manifest } from '../common/manifest';
-import { FailureType } from '../common/failures';
 import { planWorkflowId, PRIMARY_DESTINATION, type Plan } from '../common/plan';
 import {
   applyRetention,
@@ -19,26 +18,8 @@ import {
   type RetentionResult,
 } from '../common/retention';
 import { activityLogger } from './logging';
-import { openBlobStore, type BlobStore } from './storage';
+import { openNamedDestination, type BlobStore } from './storage';
 import type { StoredObject } from './storage/blob-store';
-
-/**
- * Opens the destination of the plan with this name: PRIMARY_DESTINATION
- * ("primary", the default) or a replica's name.
- */
-export function openNamedDestination(plan: Plan, name: string = PRIMARY_DESTINATION): BlobStore {
-  if (name === PRIMARY_DESTINATION) return openBlobStore(plan.destination);
-  const replica = (plan.replicas ?? []).find((candidate) => candidate.name === name);
-  if (!replica) {
-    const known = [PRIMARY_DESTINATION, ...(plan.replicas ?? []).map((candidate) => candidate.name)];
-    throw ApplicationFailure.create({
-      type: FailureType.InvalidPlan,
-      nonRetryable: true,
-      message: `plan ${plan.name} has no destination named "${name}"; its destinations are ${known.join(', ')}`,
-    });
-  }
-  return openBlobStore(replica);
-}
 
 /**
  * Backups one run deletes in a destination at most. The ids travel in

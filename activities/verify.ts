@@ -26,7 +26,7 @@ import {
 import type { DecryptOptions } from './crypto/age';
 import { checkFormat, FormatError } from './formats';
 import { loadVerifyKey, verifyManifest } from './signing';
-import { ObjectNotFoundError, openBlobStore, type BlobStore } from './storage';
+import { ObjectNotFoundError, openNamedDestination, openReadStore, type BlobStore } from './storage';
 
 /** Result of one check: ok, damaged (the bytes are not what was written) or unreadable (they cannot be read here). */
 export type CheckOutcome = 'ok' | 'damaged' | 'unreadable';
@@ -230,15 +230,17 @@ const OUTCOME_RANK: Record<CheckOutcome, number> = { ok: 0, unreadable: 1, damag
 /**
  * Verifies one backup of a plan. `identity` is a secret reference to an age
  * identity file; without it the plan's encryption.identity is used, and
- * without either only stored digests are checked. Damage and unreadable
- * objects are listed in the report rather than thrown.
+ * without either only stored digests are checked. `destination` names the
+ * one destination to check; without it each object is read from the first
+ * destination that has it. Damage and unreadable objects are listed in the
+ * report rather than thrown.
  */
 export async function verifyStoredBackup(
   plan: Plan,
   backupId: string,
-  options: { identity?: string; onCheck?: (check: VerifyCheck) => void; where?: string } = {},
+  options: { identity?: string; onCheck?: (check: VerifyCheck) => void; where?: string; destination?: string } = {},
 ): Promise<VerifyReport> {
-  const store = openBlobStore(plan.destination);
+  const store = options.destination ? openNamedDestination(plan, options.destination) : openReadStore(plan);
   const folder = backupFolder(plan.name, backupId);
   const checks: VerifyCheck[] = [];
   const report = (): VerifyReport => ({

@@ -9,7 +9,7 @@ import { loadPlanFile, PlanError } from '../activities/plan-loader';
 import { signingKeyId } from '../activities/signing';
 import { verifyStoredBackup, type VerifyCheck } from '../activities/verify';
 import { isBackupId } from '../common/layout';
-import type { Plan } from '../common/plan';
+import { PRIMARY_DESTINATION, type Plan } from '../common/plan';
 import { listBackups } from './backups';
 
 /** verify: every check passed. */
@@ -39,7 +39,7 @@ function formatCheck(check: VerifyCheck): string {
   return `  ${mark.padEnd(10)} ${check.outcome === 'ok' ? `${check.object}: ${check.message}` : check.message}`;
 }
 
-async function verifyCommand(backup: string, options: { plan: string; identity?: string; json?: boolean }): Promise<number> {
+async function verifyCommand(backup: string, options: { plan: string; identity?: string; json?: boolean; destination?: string }): Promise<number> {
   // Should the checks ever stall and the event loop drain, the process
   // exits "cannot read", never 0.
   process.exitCode = EXIT_UNREADABLE;
@@ -49,10 +49,18 @@ async function verifyCommand(backup: string, options: { plan: string; identity?:
     console.error(`opa-backup: --identity "${options.identity}" is not a secret reference; use file:PATH (an age identity file) or env:NAME`);
     return EXIT_VERIFY_USAGE;
   }
+  const names = [PRIMARY_DESTINATION, ...(plan.replicas ?? []).map((replica) => replica.name)];
+  if (options.destination !== undefined && !names.includes(options.destination)) {
+    console.error(`opa-backup: --destination "${options.destination}" is not a destination of plan ${plan.name}; use one of ${names.join(', ')}`);
+    return EXIT_VERIFY_USAGE;
+  }
   let backupId = backup;
   if (backup === 'latest') {
     const backups = await listBackups(plan);
-    const newest = [...backups].filter((entry) => entry.status !== 'unreadable').pop();
+    const newest = [...backups]
+      .filter((entry) => entry.status !== 'unreadable')
+      .filter((entry) => options.destination === undefined || entry.destinations.includes(options.destination))
+      .pop();
     if (!newest) {
       console.error(`opa-backup: plan ${plan.name} has no readable backup in ${backups.destination}`);
       return EXIT_UNREADABLE;
@@ -64,7 +72,7 @@ async function verifyCommand(backup: string, options: { plan: string; identity?:
   }
   const print = options.json ? () => undefined : (check: VerifyCheck) => console.log(formatCheck(check));
   if (!options.json) console.log(`verifying backup ${backupId} of plan ${plan.name}`);
-  const report = await verifyStoredBackup(plan, backupId, { identity: options.identity, onCheck: print, where: 'here' });
+  const report = await verifyStoredBackup(plan, backupId, { identity: options.identity, onCheck: print, where: 'here', destination: options.destination });
   if (options.json) console.log(JSON.stringify(report, null, 2));
   else {
     console.log(`backup ${backupId}: ${report.outcome === 'ok' ? 'verified' : report.outcome}`);
@@ -116,6 +124,7 @@ export function addVerifyCommands(program: Command): void {
     .argument('<backup>', 'backup id, or "latest"')
     .requiredOption('--plan <file>', 'backup plan (YAML)')
     .option('--identity <reference>', 'age identity to decrypt with, as file:PATH or env:NAME (default: encryption.identity of the plan)')
+    .option('--destination <name>', 'check the copy in this destination only: "primary" or a replica\'s name (default: each object from the first destination that has it)')
     .option('--json', 'print the report as JSON')
     .action(async (backup: string, options) => {
       process.exitCode = await verifyCommand(backup, options);

@@ -149,3 +149,36 @@ test('the CLI prints each destination of a backup', async () => {
   assert.equal(child.status, 0, child.stdout + child.stderr);
   assert.match(child.stdout, /destination primary: complete\n\s+destination west: complete/);
 });
+
+test('verify reads each object from the first destination that has it', async () => {
+  const plan: Plan = {
+    name: 'replicated-verify',
+    destination: { s3: bucket('backups-east') },
+    replicas: [{ name: 'west', s3: bucket('backups-west') }],
+    encryption: { recipients: [recipient] },
+    sources: { opa: [{ name: 'edge', url: opa.url }] },
+  };
+  const result = await stack.backup(plan);
+  assert.equal(result.status, 'complete');
+  await new S3BlobStore(bucket('backups-east')).delete(`replicated-verify/${result.backupId}/opa/edge.tar.gz.age`);
+  const planFile = path.join(runsDirectory, 'replicas-verify.json');
+  writeFileSync(planFile, JSON.stringify(plan));
+  const verify = (...args: string[]) =>
+    spawnSync(process.execPath, [path.join(repositoryRoot, 'bin', 'opa-backup'), 'verify', ...args, '--plan', planFile], {
+      encoding: 'utf8',
+      env: process.env,
+      timeout: 120_000,
+    });
+
+  const any = verify(result.backupId);
+  assert.equal(any.status, 0, any.stdout + any.stderr);
+  const primary = verify(result.backupId, '--destination', 'primary');
+  assert.equal(primary.status, 4, primary.stdout + primary.stderr);
+  assert.match(primary.stdout, /DAMAGED .*opa\/edge\.tar\.gz\.age/);
+  const west = verify('latest', '--destination', 'west');
+  assert.equal(west.status, 0, west.stdout + west.stderr);
+  assert.match(west.stdout, new RegExp(`backup ${result.backupId}: verified`));
+  const unknown = verify('latest', '--destination', 'north');
+  assert.equal(unknown.status, 2, unknown.stderr);
+  assert.match(unknown.stderr, /--destination "north" is not a destination of plan replicated-verify; use one of primary, west/);
+});

@@ -14,7 +14,7 @@ import type { Plan } from '../../common/plan';
 import { heartbeatTimer } from '../backup';
 import { activityLogger } from '../logging';
 import { resolveSecret } from '../secrets';
-import { openBlobStore, type BlobStore } from '../storage';
+import { openReadStore, openWriteStore, type BlobStore } from '../storage';
 import { ArtifactDigestError, findArtifact, localArtifact, readManifest } from './artifacts';
 import { notRun } from './checks';
 import { drillGitBundle, GIT_CHECKS } from './git';
@@ -98,7 +98,7 @@ function planSteps(artifacts: ArtifactRecord[]): DrillStep[] {
  */
 export async function resolveDrillBackup(input: { plan: Plan } & Pick<DrillWorkflowInput, 'backup' | 'randomWithinDays'>): Promise<DrillTarget> {
   const { plan } = input;
-  const store = openBlobStore(plan.destination);
+  const store = openReadStore(plan);
   let backupId: string;
   if (input.backup === 'latest' || input.backup === 'random') {
     const ids = await committedBackups(store, plan);
@@ -148,7 +148,7 @@ async function stepContext(input: DrillActivityInput, details: () => unknown): P
   const stop = heartbeatTimer(details);
   try {
     return {
-      store: openBlobStore(input.plan.destination),
+      store: openReadStore(input.plan),
       scratch: await openScratch(input.drillId),
       signal: context.cancellationSignal,
       heartbeat: (value) => context.heartbeat(value),
@@ -339,10 +339,14 @@ export function drillReportKey(plan: string, backupId: string, startedAt: string
   return `${plan}/${backupId}/drills/${stamp}-${runId.replace(/-/g, '').slice(-8)}.json`;
 }
 
-/** Writes the drill report beside the backup it verified, and returns its key and the store's description. */
+/**
+ * Writes the drill report beside the backup it verified, in every
+ * destination, so that retention in each finds which backups are verified.
+ * Returns its key and the store's description.
+ */
 export async function writeDrillReport(input: { plan: Plan; report: DrillReport }): Promise<{ reportKey: string; destination: string }> {
   const { plan, report } = input;
-  const store = openBlobStore(plan.destination);
+  const store = openWriteStore(plan);
   const key = drillReportKey(plan.name, report.backupId, report.startedAt, report.workflow.runId);
   await store.put(key, Readable.from([Buffer.from(JSON.stringify(report, null, 2) + '\n')]), { contentType: 'application/json' });
   activityLogger({ plan: plan.name, backupId: report.backupId }).info({ key, outcome: report.outcome, rtoSeconds: report.rtoSeconds }, 'drill report stored');

@@ -1,3 +1,5 @@
+import { ApplicationFailure } from '@temporalio/common';
+import { FailureType } from '../../common/failures';
 import { PRIMARY_DESTINATION, type Destination, type Plan } from '../../common/plan';
 import type { BlobStore } from './blob-store';
 import { LocalBlobStore } from './local';
@@ -25,4 +27,31 @@ export function openDestinations(plan: Pick<Plan, 'destination' | 'replicas'>): 
 /** Opens the store that artifacts are written to: the destination alone, or it and every replica. */
 export function openWriteStore(plan: Pick<Plan, 'destination' | 'replicas'>): BlobStore {
   return plan.replicas ? new ReplicatedBlobStore(openDestinations(plan)) : openBlobStore(plan.destination);
+}
+
+/**
+ * Opens the store that backups are read from. With replicas, each object
+ * comes from the first destination, in plan order, that has it, so a
+ * backup stays readable while a destination is down or lacks an object.
+ */
+export function openReadStore(plan: Pick<Plan, 'destination' | 'replicas'>): BlobStore {
+  return openWriteStore(plan);
+}
+
+/**
+ * Opens the destination of the plan with this name: PRIMARY_DESTINATION
+ * ("primary", the default) or a replica's name.
+ */
+export function openNamedDestination(plan: Pick<Plan, 'name' | 'destination' | 'replicas'>, name: string = PRIMARY_DESTINATION): BlobStore {
+  if (name === PRIMARY_DESTINATION) return openBlobStore(plan.destination);
+  const replica = (plan.replicas ?? []).find((candidate) => candidate.name === name);
+  if (!replica) {
+    const known = [PRIMARY_DESTINATION, ...(plan.replicas ?? []).map((candidate) => candidate.name)];
+    throw ApplicationFailure.create({
+      type: FailureType.InvalidPlan,
+      nonRetryable: true,
+      message: `plan ${plan.name} has no destination named "${name}"; its destinations are ${known.join(', ')}`,
+    });
+  }
+  return openBlobStore(replica);
 }
