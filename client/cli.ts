@@ -17,7 +17,7 @@ import { listBackups, formatBytes } from './backups';
 import { addDoctorCommand } from './doctor';
 import { addDrillCommand } from './drill';
 import { addRetentionCommand } from './retention';
-import { addScheduleCommands, EXIT_BUSY } from './schedules';
+import { addScheduleCommands, EXIT_BUSY, warnWithoutWorker } from './schedules';
 import { addVerifyCommands } from './verify';
 import { addStatusCommand } from './status';
 
@@ -173,8 +173,14 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
     const workflowId = planWorkflowId(plan.name, 'backup');
     const handle = await client.workflow.start('backupWorkflow', { taskQueue, workflowId, args: [{ plan }] }).catch((error: unknown) => {
       if (!(error instanceof WorkflowExecutionAlreadyStartedError)) throw error;
-      throw new ExitError(`a backup of plan ${plan.name} is already running as workflow ${workflowId}; wait for it and try again`, EXIT_BUSY);
+      throw new ExitError(
+        `a backup of plan ${plan.name} is already running as workflow ${workflowId}; wait for it ` +
+          `(temporal workflow show --workflow-id ${workflowId}) and try again. If no worker polls task queue "${taskQueue}", ` +
+          `start one, or end that run with: temporal workflow terminate --workflow-id ${workflowId}`,
+        EXIT_BUSY,
+      );
     });
+    await warnWithoutWorker(client, taskQueue);
     if (!options.wait) {
       if (options.json) console.log(JSON.stringify({ workflowId, runId: handle.firstExecutionRunId }));
       else print(`started backup of plan ${plan.name}: workflow ${workflowId}`);

@@ -8,6 +8,7 @@ import type { DrillProgress, DrillWorkflowResult } from '../activities/drill/typ
 import { temporalSettings } from '../common/config';
 import { isBackupId } from '../common/layout';
 import type { Plan } from '../common/plan';
+import { warnWithoutWorker } from './schedules';
 
 /** Every check passed. */
 export const EXIT_DRILL_PASSED = 0;
@@ -107,6 +108,7 @@ async function drillCommand(options: DrillOptions): Promise<number> {
       args: [{ plan, backup: options.backup, randomWithinDays }],
     });
     print(`restore drill of plan ${plan.name} running as workflow ${workflowId}`);
+    await warnWithoutWorker(client, settings.taskQueue);
     // Ctrl-C stops the CLI, not the drill: the workflow runs on and cleans up after itself.
     process.once('SIGINT', () => {
       process.stderr.write(

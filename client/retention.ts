@@ -8,7 +8,7 @@ import type { Command } from 'commander';
 import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError } from '@temporalio/client';
 import { planWorkflowId } from '../common/plan';
 import type { DestinationRetention, RetentionRunReport } from '../activities/retention';
-import { CommandError, EXIT_BUSY, runCommand, withClient } from './schedules';
+import { CommandError, EXIT_BUSY, runCommand, warnWithoutWorker, withClient } from './schedules';
 import { loadPlanFile, PlanError } from '../activities/plan-loader';
 
 const EXIT_OK = 0;
@@ -82,6 +82,7 @@ async function retentionCommand(options: { plan: string; dryRun?: boolean; json?
       }
       throw error;
     }
+    await warnWithoutWorker(client, taskQueue);
     try {
       return (await handle.result()) as RetentionRunReport;
     } catch (error) {

@@ -308,6 +308,31 @@ export async function withClient<T>(action: (client: Client, taskQueue: string) 
   }
 }
 
+/** temporal.api.enums.v1.TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW: the pollers of workflow tasks. */
+const TASK_QUEUE_TYPE_WORKFLOW = 1;
+
+/**
+ * Prints a warning on stderr when no worker has polled `taskQueue`
+ * recently: a started workflow then waits until a worker starts. The
+ * check is best-effort; a failed request prints nothing.
+ */
+export async function warnWithoutWorker(client: Client, taskQueue: string): Promise<void> {
+  try {
+    const response = await client.workflowService.describeTaskQueue({
+      namespace: client.options.namespace,
+      taskQueue: { name: taskQueue },
+      taskQueueType: TASK_QUEUE_TYPE_WORKFLOW,
+    });
+    if ((response.pollers ?? []).length > 0) return;
+    console.error(
+      `opa-backup: warning: no worker polls task queue "${taskQueue}" (OPA_BACKUP_TASK_QUEUE); the workflow waits until one starts. ` +
+        'Start one with: node dist/worker/main.js, with the same TEMPORAL_ADDRESS and OPA_BACKUP_TASK_QUEUE',
+    );
+  } catch {
+    // The warning is a hint; without it the command still works.
+  }
+}
+
 /** Runs a command and turns a CommandError into its message on stderr and its exit code. */
 export async function runCommand(command: () => Promise<number>): Promise<number> {
   try {

@@ -242,6 +242,7 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
     assert.equal(result.status, 'partial');
     assert.equal(result.failures[0].source, 'down');
     assert.match(run.stderr, /opa down: failed: snapshot of OPA "down" failed/);
+    assert.doesNotMatch(run.stderr, /no worker polls/);
 
     // A folder that is not named as a backup is not one, even with a manifest in it.
     mkdirSync(path.join(folder, 'cli', 'not-a-backup'));
@@ -316,4 +317,30 @@ test('CLI shows why the worker rejected the plan', async () => {
   });
   assert.equal(run.status, 1, run.stderr);
   assert.match(run.stderr, /backup failed: .*sources\.opa\[0\]\.token: environment variable OPA_FAULTS_SET_ONLY_FOR_THE_CLI .*is not set/);
+});
+
+test('CLI warns when no worker polls the task queue', async () => {
+  const taskQueue = `nobody-polls-${randomBytes(4).toString('hex')}`;
+  const planFile = path.join(folder, 'no-worker-plan.yaml');
+  writeFileSync(
+    planFile,
+    [
+      'name: no-worker',
+      `destination: { local: { path: ${JSON.stringify(folder)} } }`,
+      'encryption: { unencrypted: true }',
+      'sources: { opa: [{ name: edge, url: "http://127.0.0.1:9" }] }',
+    ].join('\n'),
+  );
+  const cli = path.join(repositoryRoot, 'bin', 'opa-backup');
+  const run = spawnSync(process.execPath, [cli, 'backup', '--plan', planFile], {
+    env: { ...process.env, TEMPORAL_ADDRESS: stack.temporal.address, OPA_BACKUP_TASK_QUEUE: taskQueue },
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  try {
+    assert.equal(run.status, 0, run.stderr);
+    assert.match(run.stderr, new RegExp(`warning: no worker polls task queue "${taskQueue}"`));
+  } finally {
+    await stack.client.workflow.getHandle('opa-backup/no-worker/backup').terminate('test cleanup');
+  }
 });
