@@ -35,6 +35,8 @@ export interface HealthCheck {
   /** Bundle checks: the bundle's revision and when OPA activated it, where OPA reports them. */
   revision?: string;
   activatedAt?: string;
+  /** True when the check could not read what it checks: a destination or an OPA that cannot be reached. */
+  failed?: boolean;
 }
 
 export interface HealthReport {
@@ -45,6 +47,8 @@ export interface HealthReport {
   checks: HealthCheck[];
   /** Names of the stale checks. */
   stale: string[];
+  /** Names of the checks that could not read what they check. */
+  failed?: string[];
 }
 
 /** Largest /v1/status or data.system.bundles response read; OPA's status can carry Prometheus metrics. */
@@ -416,7 +420,15 @@ export async function checkOpaBundles(input: { plan: Plan; source: string }): Pr
   } catch (error) {
     // The OPA client words its errors for snapshots; the request and the cause are what matter here.
     const message = (error as Error).message.replace(/^snapshot of OPA "[^"]*" failed: /, '');
-    return [{ name: `opa ${input.source}`, kind: 'opa', state: 'unknown', reason: `cannot read the bundles of OPA "${input.source}" at ${sources[index].url}: ${message}` }];
+    return [
+      {
+        name: `opa ${input.source}`,
+        kind: 'opa',
+        state: 'unknown',
+        failed: true,
+        reason: `cannot read the bundles of OPA "${input.source}" at ${sources[index].url}: ${message}`,
+      },
+    ];
   }
   if (bundles.size === 0) {
     return [{ name: `opa ${input.source}`, kind: 'opa', state: 'ok', reason: `OPA "${input.source}" has no bundle loaded; its policies come through the REST API` }];
@@ -449,12 +461,19 @@ export async function checkOpaBundles(input: { plan: Plan; source: string }): Pr
 
 /** Returns the check of a destination whose backups could not be listed or read. */
 function unreadableBackups(plan: Plan, name: string, error: unknown): HealthCheck {
-  return { name, kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${(error as Error).message}` };
+  return { name, kind: 'backup', state: 'unknown', failed: true, reason: `cannot read the backups of plan ${plan.name}: ${(error as Error).message}` };
 }
 
 /** Builds the report of a set of checks. */
 export function healthReport(plan: string, checks: HealthCheck[], checkedAt: string, ranBy: HealthReport['ranBy']): HealthReport {
-  return { plan, checkedAt, ranBy, checks, stale: checks.filter((check) => check.state === 'stale').map((check) => check.name) };
+  return {
+    plan,
+    checkedAt,
+    ranBy,
+    checks,
+    stale: checks.filter((check) => check.state === 'stale').map((check) => check.name),
+    failed: checks.filter((check) => check.failed).map((check) => check.name),
+  };
 }
 
 /** Runs every check of healthWorkflow in this process, for `opa-backup status` without Temporal. */

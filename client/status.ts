@@ -1,8 +1,9 @@
 // `opa-backup status`: runs healthWorkflow and prints each check, or runs
 // the same checks in this process with --local or when Temporal cannot be
-// reached. Exit codes: 0 no check is stale (unknown checks are printed but
-// do not fail), 1 the checks could not run, 2 invalid usage or plan, 6 at
-// least one check is stale.
+// reached. Exit codes: 0 no check is stale or failed (unknown checks are
+// printed but do not fail), 1 the checks could not run, 2 invalid usage or
+// plan, 6 at least one check is stale, 7 none is stale but at least one
+// could not read a destination or an OPA.
 import { randomBytes } from 'node:crypto';
 import type { Command } from 'commander';
 import { Connection, Client, WorkflowFailedError } from '@temporalio/client';
@@ -19,6 +20,8 @@ export const EXIT_STATUS_ERROR = 1;
 export const EXIT_STATUS_USAGE = 2;
 /** At least one check is stale; the output names each. */
 export const EXIT_STALE = 6;
+/** No check is stale, but at least one could not read a destination or an OPA; the output names each. */
+export const EXIT_CHECK_FAILED = 7;
 
 /** Time healthWorkflow gets before the CLI gives up, such as when no worker polls the task queue. */
 const WORKFLOW_TIMEOUT = '2m';
@@ -80,6 +83,7 @@ export function formatReport(report: HealthReport): string[] {
   );
   for (const row of [header, ...rows]) lines.push(row.map((value, column) => (widths[column] ? cell(value, widths[column]) : value)).join('').trimEnd());
   if (report.stale.length > 0) lines.push(`stale: ${report.stale.join(', ')}`);
+  if ((report.failed ?? []).length > 0) lines.push(`failed: ${report.failed!.join(', ')}`);
   return lines;
 }
 
@@ -105,7 +109,8 @@ async function statusCommand(options: StatusOptions): Promise<number> {
   report ??= await runHealthChecks(plan);
   if (options.json) console.log(JSON.stringify(report, null, 2));
   else for (const line of formatReport(report)) console.log(line);
-  return report.stale.length > 0 ? EXIT_STALE : EXIT_STATUS_OK;
+  if (report.stale.length > 0) return EXIT_STALE;
+  return (report.failed ?? []).length > 0 ? EXIT_CHECK_FAILED : EXIT_STATUS_OK;
 }
 
 export function addStatusCommand(program: Command): void {

@@ -278,3 +278,20 @@ test('a backup a replica missed is complete in the primary', async () => {
   assert.equal(check(report, 'backup blocked').state, 'stale');
   assert.deepEqual(report.stale, ['backup blocked'], 'only the replica that missed the backup is stale');
 });
+
+test('status exits 7 when a destination cannot be read', async () => {
+  const deadPort = await freePort();
+  const plan: Plan = {
+    ...planOf('health-unreachable', {}),
+    replicas: [{ name: 'gone', s3: { bucket: 'opa-backups', endpoint: `http://127.0.0.1:${deadPort}`, region: 'us-east-1' } }],
+  };
+  await stack.backup(plan);
+  const run = spawnSync(process.execPath, [cli, 'status', '--plan', writePlanFile(plan)], {
+    env: { ...process.env, TEMPORAL_ADDRESS: stack.temporal.address, OPA_BACKUP_TASK_QUEUE: stack.taskQueue, AWS_ACCESS_KEY_ID: 'unused', AWS_SECRET_ACCESS_KEY: 'unused' },
+    encoding: 'utf8',
+    timeout: 180_000,
+  });
+  assert.equal(run.status, 7, run.stdout + run.stderr);
+  assert.match(run.stdout, /^backup gone\s+UNKNOWN\s.*cannot read the backups of plan health-unreachable/m);
+  assert.match(run.stdout, /^failed: backup gone$/m);
+});

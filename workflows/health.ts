@@ -46,7 +46,7 @@ export async function healthWorkflow(input: HealthWorkflowInput): Promise<Health
   const checkedAt = new Date().toISOString();
 
   const unreadable = (name: string, error: unknown): HealthCheck[] => [
-    { name, kind: 'backup', state: 'unknown', reason: `cannot read the backups of plan ${plan.name}: ${failureMessage(error)}` },
+    { name, kind: 'backup', state: 'unknown', failed: true, reason: `cannot read the backups of plan ${plan.name}: ${failureMessage(error)}` },
   ];
   const stored = checkActivities.checkStoredBackups({ plan }).catch((error: unknown) => unreadable('backup', error));
   const replicas = (plan.replicas ?? []).map((replica) =>
@@ -54,9 +54,16 @@ export async function healthWorkflow(input: HealthWorkflowInput): Promise<Health
   );
   const bundles = (plan.sources.opa ?? []).map((source) =>
     checkActivities.checkOpaBundles({ plan, source: source.name }).catch((error: unknown): HealthCheck[] => [
-      { name: `opa ${source.name}`, kind: 'opa', state: 'unknown', reason: `cannot check OPA "${source.name}": ${failureMessage(error)}` },
+      { name: `opa ${source.name}`, kind: 'opa', state: 'unknown', failed: true, reason: `cannot check OPA "${source.name}": ${failureMessage(error)}` },
     ]),
   );
   const checks = (await Promise.all([stored, ...replicas, ...bundles])).flat();
-  return { plan: plan.name, checkedAt, ranBy: 'temporal', checks, stale: checks.filter((check) => check.state === 'stale').map((check) => check.name) };
+  return {
+    plan: plan.name,
+    checkedAt,
+    ranBy: 'temporal',
+    checks,
+    stale: checks.filter((check) => check.state === 'stale').map((check) => check.name),
+    failed: checks.filter((check) => check.failed).map((check) => check.name),
+  };
 }
