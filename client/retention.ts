@@ -41,13 +41,16 @@ function printDestination(report: DestinationRetention, dryRun: boolean, print: 
   }
   const leftoverVerb = dryRun ? 'would remove' : 'removed';
   for (const leftover of report.leftovers) {
-    print(`  ${leftoverVerb} ${leftover.id}: no manifest.json, ${leftover.objects} objects, last written ${leftover.lastModified}`);
+    const objects = leftover.objects === 1 ? '1 object' : `${leftover.objects} objects`;
+    print(`  ${leftoverVerb} ${leftover.id}: no manifest.json, ${objects}, last written ${leftover.lastModified}`);
   }
   const uploadVerb = dryRun ? 'would abort' : 'aborted';
   for (const upload of report.staleUploads) {
     print(`  ${uploadVerb} unfinished upload of ${upload.key} (started ${upload.initiated ?? 'at an unknown time'})`);
   }
-  print(`  ${report.backups} backups: ${report.kept.length} kept, ${report.deleted.length} ${verb}`);
+  if (report.state !== 'failed' || report.backups > 0) {
+    print(`  ${report.backups} backups: ${report.kept.length} kept, ${report.deleted.length} ${verb}`);
+  }
   if (report.deferred) {
     print(`  ${report.deferred} newer backups that no rule keeps are left for the next run, which deletes the oldest first`);
   }
