@@ -1,9 +1,11 @@
 // `opa-backup status`: runs healthWorkflow and prints each check, or runs
 // the same checks in this process with --local or when Temporal cannot be
-// reached. Exit codes: 0 no check is stale or failed (unknown checks are
-// printed but do not fail), 1 the checks could not run, 2 invalid usage or
-// plan, 6 at least one check is stale, 7 none is stale but at least one
-// could not read a destination or an OPA.
+// reached. Exit codes:
+//   0  no check is stale or failed; unknown checks are printed but do not fail
+//   1  the checks could not run
+//   2  invalid usage or plan
+//   6  at least one check is stale
+//   7  none is stale, but at least one could not read a destination or an OPA
 import { randomBytes } from 'node:crypto';
 import type { Command } from 'commander';
 import { Connection, Client, WorkflowFailedError } from '@temporalio/client';

@@ -1,7 +1,7 @@
-// healthWorkflow: checks the plan's `health` limits against the age of the
-// newest complete backup (in the primary destination and in each replica),
-// of each source's newest stored artifact and of the newest passed restore
-// drill, and lists the bundles each OPA source has loaded. Each OPA
+// healthWorkflow: checks the plan's `health` limits. It judges the age of
+// the newest complete backup in the primary destination and in each
+// replica, of each source's newest stored artifact and of the newest passed
+// restore drill. It also lists the bundles each OPA source has loaded. Each OPA
 // source and each replica is its own activity, so one that cannot be
 // reached makes its own check unknown and leaves the others alone.
 import { ActivityFailure, ApplicationFailure, proxyActivities } from '@temporalio/workflow';
