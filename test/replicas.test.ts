@@ -172,6 +172,7 @@ test('verify reads each object from the first destination that has it', async ()
 
   const any = verify(result.backupId);
   assert.equal(any.status, 0, any.stdout + any.stderr);
+  assert.doesNotMatch(any.stderr, /NodeVersionSupportWarning/);
   const primary = verify(result.backupId, '--destination', 'primary');
   assert.equal(primary.status, 4, primary.stdout + primary.stderr);
   assert.match(primary.stdout, /DAMAGED .*opa\/edge\.tar\.gz\.age/);
