@@ -150,7 +150,8 @@ async function followProgress(handle: WorkflowHandle, print: (line: string) => v
 
 function printResult(result: BackupWorkflowResult, print: (line: string) => void): void {
   print(`backup ${result.backupId} of plan ${result.plan}: ${result.status}`);
-  print(`  stored in ${result.destination}`);
+  // With replicas, the destination lines below say which of them received the backup.
+  print(result.destinations ? `  destinations ${result.destination}` : `  stored in ${result.destination}`);
   print(`  manifest ${result.manifestKey} (sha256 ${result.manifestSha256})`);
   for (const artifact of result.artifacts) {
     print(`  ${artifact.source}: ${artifact.key}, ${formatBytes(artifact.size)}, sha256 ${artifact.sha256}`);
