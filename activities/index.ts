@@ -19,3 +19,4 @@ export {
 } from './drill/activities';
 export { recordBackupMetrics, recordDrillMetrics } from './metrics';
 export { checkOpaBundles, checkReplicaBackups, checkStoredBackups } from './health';
+export { catchUpReplicas } from './replicas';

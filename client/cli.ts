@@ -150,7 +150,7 @@ async function followProgress(handle: WorkflowHandle, print: (line: string) => v
 
 function printResult(result: BackupWorkflowResult, print: (line: string) => void): void {
   print(`backup ${result.backupId} of plan ${result.plan}: ${result.status}`);
-  // With replicas, the destination lines below say which of them received the backup.
+  // With replicas, the destination lines below name the ones that received the backup.
   print(result.destinations ? `  destinations ${result.destination}` : `  stored in ${result.destination}`);
   print(`  manifest ${result.manifestKey} (sha256 ${result.manifestSha256})`);
   for (const artifact of result.artifacts) {
@@ -158,6 +158,10 @@ function printResult(result: BackupWorkflowResult, print: (line: string) => void
   }
   for (const destination of result.destinations ?? []) {
     print(`  destination ${destination.name}: ${destination.state}${destination.error ? `: ${destination.error}` : ''}`);
+  }
+  for (const replica of result.caughtUp ?? []) {
+    if (replica.copied.length > 0) print(`  destination ${replica.name}: copied ${replica.copied.length} earlier backup(s) it missed: ${replica.copied.join(', ')}`);
+    if (replica.error) print(`  destination ${replica.name}: catch-up stopped: ${replica.error}`);
   }
   for (const failure of result.failures) {
     if (failure.kind === 'destination') continue;

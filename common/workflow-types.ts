@@ -91,6 +91,11 @@ export interface BackupWorkflowResult {
   failures: SourceFailure[];
   /** Plans with replicas: each destination and whether it contains the backup. */
   destinations?: DestinationState[];
+  /**
+   * Plans with replicas: earlier backups copied to a replica that had missed
+   * them, and why a replica's catch-up stopped. Only replicas with either.
+   */
+  caughtUp?: Array<{ name: string; copied: string[]; error?: string }>;
   /** Outcome of the restore drill that `drillAfter` requested; `error` gives the reason a drill could not run. */
   drill?: { outcome: 'passed' | 'failed'; reportKey?: string; error?: string };
 }

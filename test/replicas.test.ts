@@ -183,3 +183,39 @@ test('verify reads each object from the first destination that has it', async ()
   assert.equal(unknown.status, 2, unknown.stderr);
   assert.match(unknown.stderr, /--destination "north" is not a destination of plan replicated-verify; use one of primary, west/);
 });
+
+test('a replica that comes back receives the backups it missed', async () => {
+  const deadEndpoint = `http://127.0.0.1:${await freePort()}`;
+  const plan = (endpoint: string): Plan => ({
+    name: 'catch-up',
+    destination: { s3: bucket('backups-east') },
+    replicas: [{ name: 'west', s3: bucket('backups-west', endpoint) }],
+    encryption: { recipients: [recipient] },
+    sources: { opa: [{ name: 'edge', url: opa.url }] },
+  });
+  const missed = await stack.backup(plan(deadEndpoint));
+  assert.equal(missed.status, 'partial');
+  assert.equal(missed.caughtUp, undefined, 'nothing earlier to copy');
+
+  const next = await stack.backup(plan(s3.endpoint));
+  assert.equal(next.status, 'complete', JSON.stringify(next.failures));
+  assert.deepEqual(next.caughtUp, [{ name: 'west', copied: [missed.backupId] }]);
+  const prefix = `catch-up/${missed.backupId}/`;
+  const east = await objects(new S3BlobStore(bucket('backups-east')), prefix);
+  const west = await objects(new S3BlobStore(bucket('backups-west')), prefix);
+  assert.ok(east.has(`${prefix}manifest.json`));
+  assert.deepEqual(west, east, 'the replica contains the same bytes as the primary');
+
+  const listed = await listBackups(plan(s3.endpoint));
+  assert.deepEqual(
+    listed.map((backup) => [backup.backupId, backup.destinations]),
+    [
+      [missed.backupId, ['primary', 'west']],
+      [next.backupId, ['primary', 'west']],
+    ],
+  );
+
+  // Nothing is missing any more: the next backup copies nothing.
+  const third = await stack.backup(plan(s3.endpoint));
+  assert.equal(third.caughtUp, undefined);
+});

@@ -2,7 +2,8 @@
 // activity per OPA instance, per PostgreSQL database and per Redis server
 // or Redis Cluster master, per served bundle and per Git repository, each
 // with its own timeouts and retries. Then seal
-// the backup with its manifest. Workflow code is replayed: it must stay deterministic, so it
+// the backup with its manifest, and copy to each replica the recent backups
+// it missed. Workflow code is replayed: it must stay deterministic, so it
 // imports only types of activities and pure helpers.
 import {
   ActivityFailure,
@@ -10,6 +11,8 @@ import {
   CancellationScope,
   CancelledFailure,
   defineQuery,
+  log,
+  patched,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -21,7 +24,7 @@ import { NON_RETRYABLE_FAILURES } from '../common/failures';
 import { makeBackupId } from '../common/layout';
 import { drillAfterBackup } from './drill';
 import type { SourceFailure } from '../common/manifest';
-import type { StepSettings } from '../common/plan';
+import type { Plan, StepSettings } from '../common/plan';
 import type {
   ArtifactReference,
   BackupProgress,
@@ -255,6 +258,8 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     failures,
   });
   progress.sealed = true;
+  // Histories of runs started before this step existed replay without it.
+  const caughtUp = patched('replica-catch-up') ? await catchUp(plan, backupId) : undefined;
   const drill = input?.drillAfter ? await drillAfterBackup(plan, backupId) : undefined;
 
   return {
@@ -267,6 +272,28 @@ export async function backupWorkflow(input: BackupWorkflowInput): Promise<Backup
     artifacts: artifacts.map(({ kind, source, key, size, sha256 }) => ({ kind, source, key, size, sha256 })),
     failures: sealed.failures ?? failures,
     ...(sealed.destinations ? { destinations: sealed.destinations } : {}),
+    ...(caughtUp && caughtUp.length > 0 ? { caughtUp } : {}),
     ...(drill ? { drill } : {}),
   };
+}
+
+const catchUpActivities = proxyActivities<typeof activities>({
+  startToCloseTimeout: '1h',
+  heartbeatTimeout: '1m',
+  retry: { initialInterval: '5s', maximumAttempts: 2, nonRetryableErrorTypes: [...NON_RETRYABLE_FAILURES] },
+});
+
+/**
+ * Copies to each replica the recent backups it missed. The backup is sealed
+ * already, so the catch below logs a failure here instead of raising it.
+ */
+async function catchUp(plan: Plan, backupId: string): Promise<BackupWorkflowResult['caughtUp']> {
+  if (!plan.replicas || plan.replicas.length === 0) return undefined;
+  try {
+    const results = await catchUpActivities.catchUpReplicas({ plan, exclude: backupId });
+    return results.filter((result) => result.copied.length > 0 || result.error);
+  } catch (error) {
+    log.warn('replica catch-up failed; the next backup tries again', { error: describeFailure(error).message });
+    return undefined;
+  }
 }
