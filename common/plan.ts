@@ -291,7 +291,32 @@ export function cronProblem(expression: string): string | undefined {
       if (match[4] !== undefined && Number(match[4]) === 0) return `step 0 in "${part}" of "${expression}" is invalid`;
     }
   }
+  // With day-of-week "*", a day-of-month that no chosen month has never fires.
+  if (fields[4] === '*') {
+    const days = expandCronField(fields[2], 1, 31);
+    const months = expandCronField(fields[3], 1, 12);
+    const longest = Math.max(...months.map((month) => DAYS_IN_MONTH[month - 1]));
+    if (Math.min(...days) > longest) {
+      return `"${expression}" never runs: no chosen month has day ${Math.min(...days)}; check the day-of-month and month fields`;
+    }
+  }
   return undefined;
+}
+
+/** Days of each month, February with 29 for leap years. */
+const DAYS_IN_MONTH = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+
+/** Returns the values a checked cron field selects. */
+function expandCronField(field: string, min: number, max: number): number[] {
+  const values = new Set<number>();
+  for (const part of field.split(',')) {
+    const match = /^(\*|(\d+)(?:-(\d+))?)(?:\/(\d+))?$/.exec(part)!;
+    const start = match[1] === '*' ? min : Number(match[2]);
+    const end = match[1] === '*' ? max : match[3] !== undefined ? Number(match[3]) : match[4] !== undefined ? max : start;
+    const step = match[4] !== undefined ? Number(match[4]) : 1;
+    for (let value = start; value <= end; value += step) values.add(value);
+  }
+  return [...values];
 }
 
 /** Returns true when the runtime's time zone database has the IANA name. */

@@ -387,3 +387,19 @@ test('a replica at the destination folder is rejected', () => {
   );
   assert.doesNotThrow(() => validatePlan({ ...base, replicas: [{ name: 'one', s3: bucket }, { name: 'two', s3: { ...bucket, prefix: 'other' } }] }, 'inline'));
 });
+
+test('a cron that never runs is rejected', () => {
+  const base = {
+    name: 'p',
+    destination: { local: { path: '/tmp/x' } },
+    encryption: { unencrypted: true },
+    sources: { opa: [{ name: 'a', url: 'http://127.0.0.1:1' }] },
+  };
+  assert.throws(
+    () => validatePlan({ ...base, schedule: { backup: { cron: '0 2 30 2 *' } } }, 'inline'),
+    /schedule\.backup\.cron: "0 2 30 2 \*" never runs: no chosen month has day 30/,
+  );
+  assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { cron: '0 2 29 2 *' } } }, 'inline'));
+  // With a day of the week as well, cron runs on either, so the date alone does not decide.
+  assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { cron: '0 2 30 2 1' } } }, 'inline'));
+});
