@@ -311,9 +311,15 @@ function expandCronField(field: string, min: number, max: number): number[] {
   const values = new Set<number>();
   for (const part of field.split(',')) {
     const match = /^(\*|(\d+)(?:-(\d+))?)(?:\/(\d+))?$/.exec(part)!;
-    const start = match[1] === '*' ? min : Number(match[2]);
-    const end = match[1] === '*' ? max : match[3] !== undefined ? Number(match[3]) : match[4] !== undefined ? max : start;
     const step = match[4] !== undefined ? Number(match[4]) : 1;
+    let start = min;
+    let end = max;
+    if (match[1] !== '*') {
+      start = Number(match[2]);
+      // "5" is one value, "5-9" a range, and "5/10" runs from 5 to the maximum.
+      if (match[3] !== undefined) end = Number(match[3]);
+      else if (match[4] === undefined) end = start;
+    }
     for (let value = start; value <= end; value += step) values.add(value);
   }
   return [...values];
