@@ -378,11 +378,36 @@ async function applyCommand(options: CommonOptions): Promise<number> {
   return EXIT_OK;
 }
 
+/**
+ * Returns how a run the schedule started ended: "running", "failed", or for
+ * a completed wrapper its outcome, "completed" or "skipped" with the reason
+ * (a run of the same kind and plan was already running).
+ */
+async function runOutcome(client: Client, workflowId: string): Promise<string> {
+  try {
+    const handle = client.workflow.getHandle(workflowId);
+    const { status } = await handle.describe();
+    if (status.name !== 'COMPLETED') return status.name.toLowerCase();
+    const result = (await handle.result()) as { outcome?: string; reason?: string } | undefined;
+    return result?.outcome === 'skipped' ? `skipped: ${result.reason ?? 'a run was already running'}` : 'completed';
+  } catch (error) {
+    return `unknown: ${(error as Error).message}`;
+  }
+}
+
 async function listCommand(options: CommonOptions, detailed: boolean): Promise<number> {
   const plan = loadPlan(options.plan, false);
-  const found = await withClient((client) => existingSchedules(client, plan, selectedKinds(options)));
-  if (detailed && found.length === 0) throw noSchedule(plan, options.kind);
-  const summaries = found.map(([kind, description]) => summariseSchedule(kind, description));
+  const summaries = await withClient(async (client) => {
+    const found = await existingSchedules(client, plan, selectedKinds(options));
+    if (detailed && found.length === 0) throw noSchedule(plan, options.kind);
+    const summarised = found.map(([kind, description]) => summariseSchedule(kind, description));
+    if (detailed) {
+      for (const summary of summarised) {
+        for (const run of summary.recentRuns as Array<{ workflowId: string; outcome?: string }>) run.outcome = await runOutcome(client, run.workflowId);
+      }
+    }
+    return summarised;
+  });
   if (options.json) {
     console.log(JSON.stringify({ plan: plan.name, schedules: summaries }, null, 2));
     return EXIT_OK;
@@ -393,16 +418,18 @@ async function listCommand(options: CommonOptions, detailed: boolean): Promise<n
   }
   for (const summary of summaries) {
     console.log(
-      `${summary.kind} ${summary.scheduleId}: ${summary.paused ? 'paused' : 'active'}, ${formatTiming(summary)} in ${summary.timezone ?? 'UTC'}, ` +
+      // Intervals count from the Unix epoch in UTC; only cron fields follow the time zone.
+      `${summary.kind} ${summary.scheduleId}: ${summary.paused ? 'paused' : 'active'}, ${formatTiming(summary)}` +
+        `${summary.intervals ? '' : ` in ${summary.timezone ?? 'UTC'}`}, ` +
         `next ${(summary.nextRuns as string[])[0] ?? 'none'}`,
     );
     if (!detailed) continue;
     console.log(`  starts ${summary.workflowType} as ${summary.workflowId}-<time>, overlap ${summary.overlap}, catch-up window ${formatMs(summary.catchupWindowMs as number | undefined)}`);
     if (summary.jitterMs) console.log(`  jitter ${formatMs(summary.jitterMs as number)}`);
     if (summary.note) console.log(`  note: ${summary.note}`);
-    console.log(`  runs ${summary.runs}, skipped for overlap ${summary.skippedForOverlap}`);
-    for (const run of summary.recentRuns as Array<{ scheduledAt: string; workflowId: string }>) {
-      console.log(`  ran at ${run.scheduledAt}: ${run.workflowId}`);
+    console.log(`  runs started ${summary.runs}, not started because of the overlap policy ${summary.skippedForOverlap}`);
+    for (const run of summary.recentRuns as Array<{ scheduledAt: string; workflowId: string; outcome?: string }>) {
+      console.log(`  ran at ${run.scheduledAt}: ${run.workflowId}, ${run.outcome}`);
     }
   }
   return EXIT_OK;

@@ -217,6 +217,11 @@ test('trigger runs backup that stores manifest', async () => {
   assert.equal(result.outcome, 'completed');
   assert.equal(result.workflowId, 'opa-backup/sched-trigger/backup');
   assert.equal((result.result as { backupId: string }).backupId, backups[0].backupId);
+
+  const described = await cli(['schedule', 'describe', '--plan', planFile]);
+  assert.equal(described.status, 0, described.stderr);
+  assert.match(described.stdout, /runs started 1, not started because of the overlap policy 0/);
+  assert.match(described.stdout, new RegExp(`ran at \\S+: ${wrappers[0].workflowId}, completed$`, 'm'));
 });
 
 test('manual and scheduled backups never overlap', async () => {
