@@ -57,12 +57,11 @@ async function verifyCommand(backup: string, options: { plan: string; identity?:
   let backupId = backup;
   if (backup === 'latest') {
     const backups = await listBackups(plan);
-    const newest = [...backups]
-      .filter((entry) => entry.status !== 'unreadable')
-      .filter((entry) => options.destination === undefined || entry.destinations.includes(options.destination))
-      .pop();
+    // The newest backup with a manifest, readable or not, as drills choose it:
+    // an unreadable newest manifest is a finding, not a reason to check an older backup.
+    const newest = [...backups].filter((entry) => options.destination === undefined || entry.destinations.includes(options.destination)).pop();
     if (!newest) {
-      console.error(`opa-backup: plan ${plan.name} has no readable backup in ${backups.destination}`);
+      console.error(`opa-backup: plan ${plan.name} has no backup in ${backups.destination}`);
       return EXIT_UNREADABLE;
     }
     backupId = newest.backupId;

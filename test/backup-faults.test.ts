@@ -8,6 +8,7 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFile
 import path from 'node:path';
 import { randomBytes, createHash } from 'node:crypto';
 import type { WorkflowHandle } from '@temporalio/client';
+import { makeBackupId } from '../common/layout';
 import type { Plan } from '../common/plan';
 import type { BackupWorkflowResult } from '../common/workflow-types';
 import { listBackups } from '../client/backups';
@@ -254,6 +255,15 @@ test('CLI waits, prints the result and exits 3 on a partial backup', async () =>
       listed.backups.map((backup) => [backup.backupId, backup.status]),
       [[result.backupId, 'partial']],
     );
+
+    // verify latest checks the newest backup with a manifest even when that manifest is unreadable.
+    const broken = makeBackupId(new Date(Date.now() + 60_000), 'ffffffff');
+    mkdirSync(path.join(folder, 'cli', broken));
+    writeFileSync(path.join(folder, 'cli', broken, 'manifest.json'), '{ not json');
+    const verify = spawnSync(process.execPath, [cli, 'verify', 'latest', '--plan', planFile], { env: environment, encoding: 'utf8' });
+    assert.equal(verify.status, 4, verify.stdout + verify.stderr);
+    assert.match(verify.stdout, /DAMAGED .*manifest/);
+    assert.match(verify.stdout, new RegExp(`verifying backup ${broken}`));
   } finally {
     await opa.stop();
   }
