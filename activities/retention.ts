@@ -336,9 +336,11 @@ export async function planRetention(input: {
   kept.sort((a, b) => compareStrings(a.id, b.id));
 
   const cutoff = now.getTime() - grace;
+  const isOld = (folder: FolderSummary): boolean => folder.lastModified < cutoff && (backupIdTime(folder.id)?.getTime() ?? 0) < cutoff;
   const leftovers = folders
-    .filter((folder) => !folder.hasManifest && folder.lastModified < cutoff && (backupIdTime(folder.id)?.getTime() ?? 0) < cutoff)
+    .filter((folder) => !folder.hasManifest && isOld(folder))
     .map((folder) => ({ id: folder.id, objects: folder.objects, lastModified: new Date(folder.lastModified).toISOString() }));
+  const uncommittedRecent = folders.filter((folder) => !folder.hasManifest && !isOld(folder)).map((folder) => folder.id);
 
   const staleUploads: RetentionReport['staleUploads'] = [];
   if (store.listUnfinishedUploads) {
@@ -386,6 +388,7 @@ export async function planRetention(input: {
     missingReferences: decision.missingReferences,
     unresolvedDrills: [],
     leftovers,
+    ...(uncommittedRecent.length > 0 ? { uncommittedRecent } : {}),
     staleUploads,
     contents,
   };

@@ -44,6 +44,9 @@ function printDestination(report: DestinationRetention, dryRun: boolean, print: 
     const objects = leftover.objects === 1 ? '1 object' : `${leftover.objects} objects`;
     print(`  ${leftoverVerb} ${leftover.id}: no manifest.json, ${objects}, last written ${leftover.lastModified}`);
   }
+  for (const id of report.uncommittedRecent ?? []) {
+    print(`  not yet a leftover: ${id} has no manifest.json but is younger than leftoverGrace; a running backup, or removed by a later run`);
+  }
   const uploadVerb = dryRun ? 'would abort' : 'aborted';
   for (const upload of report.staleUploads) {
     print(`  ${uploadVerb} unfinished upload of ${upload.key} (started ${upload.initiated ?? 'at an unknown time'})`);

@@ -343,6 +343,8 @@ export interface RetentionReport {
   unresolvedDrills: Array<{ workflowId: string; reason: string }>;
   /** Folders of backups that never committed (no manifest.json), older than the grace period. */
   leftovers: Array<{ id: string; objects: number; lastModified: string }>;
+  /** Folders without manifest.json that are younger than the grace period: a running backup, or leftovers of later runs. */
+  uncommittedRecent?: string[];
   /** Unfinished uploads older than the grace period. */
   staleUploads: Array<{ key: string; uploadId: string; initiated?: string }>;
   /** Ids in `deleted` that a running drill started using before they were deleted, so they were kept. */

@@ -222,6 +222,7 @@ test('retention on local folder', async () => {
     dry.leftovers.map((leftover) => leftover.id),
     [L1],
   );
+  assert.deepEqual(dry.uncommittedRecent, [L2], 'a folder within the grace period is reported, not removed');
   assert.deepEqual(
     dry.staleUploads.map((upload) => upload.uploadId),
     ['edge-1.tar.gz.partial-0123456789ab'],

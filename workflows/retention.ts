@@ -117,6 +117,7 @@ async function pruneDestination(
     result.unreadable = report.unreadable;
     result.missingReferences = report.missingReferences;
     if (report.deferred) result.deferred = report.deferred;
+    if (report.uncommittedRecent) result.uncommittedRecent = report.uncommittedRecent;
     const toDelete: string[] = [];
     const keySetOf: number[] = [];
     report.deleted.forEach((id, index) => {
