@@ -233,12 +233,12 @@ async function listCommand(options: { plan: string; json?: boolean }): Promise<n
   }
   console.log(`backups of plan ${plan.name} in ${backups.destination}:`);
   const replicated = plan.replicas !== undefined;
-  console.log(['BACKUP ID'.padEnd(28), 'STATUS'.padEnd(9), 'ARTIFACTS'.padEnd(10), 'SIZE'.padEnd(10), 'COMPLETED'.padEnd(replicated ? 25 : 0), ...(replicated ? ['DESTINATIONS'] : [])].join(' ').trimEnd());
+  console.log(['BACKUP ID'.padEnd(28), 'STATUS'.padEnd(10), 'ARTIFACTS'.padEnd(10), 'SIZE'.padEnd(10), 'COMPLETED'.padEnd(replicated ? 25 : 0), ...(replicated ? ['DESTINATIONS'] : [])].join(' ').trimEnd());
   for (const backup of backups) {
     console.log(
       [
         backup.backupId.padEnd(28),
-        backup.status.padEnd(9),
+        backup.status.padEnd(10),
         String(backup.artifacts).padEnd(10),
         formatBytes(backup.size).padEnd(10),
         backup.completedAt.padEnd(replicated ? 25 : 0),
