@@ -10,14 +10,28 @@ import { MANIFEST_FILE } from './manifest';
 
 /**
  * Builds a backup id that sorts by time: the UTC start time of the workflow
- * run to the second, then the last 8 hex digits of the run id so two runs in
- * the same second differ. Run ids are UUIDv7, whose leading digits are a
- * timestamp and whose trailing digits are random. Example:
- * 20261204T194512Z-3f9a1c2b.
+ * run to the second, then a suffix of 8 characters: the milliseconds as
+ * three digits, so that two runs in the same second sort by time, and the
+ * last 5 hex digits of the run id, so that they differ. Run ids are UUIDv7,
+ * whose trailing digits are random. Example: 20261204T194512Z-4073f9a1.
  */
 export function makeBackupId(startTime: Date, runId: string): string {
-  const stamp = startTime.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
-  return `${stamp}-${runId.replace(/-/g, '').slice(-8)}`;
+  const milliseconds = String(startTime.getUTCMilliseconds()).padStart(3, '0');
+  return `${secondStamp(startTime)}-${milliseconds}${runId.replace(/-/g, '').slice(-5)}`;
+}
+
+/**
+ * Builds a backup id as versions before makeBackupId did: the second, then
+ * the last 8 hex digits of the run id. Two runs in the same second then
+ * sort at random. backupWorkflow uses it only to replay histories that
+ * started with it.
+ */
+export function makeBackupIdBySecond(startTime: Date, runId: string): string {
+  return `${secondStamp(startTime)}-${runId.replace(/-/g, '').slice(-8)}`;
+}
+
+function secondStamp(time: Date): string {
+  return time.toISOString().replace(/[-:]/g, '').replace(/\.\d{3}Z$/, 'Z');
 }
 
 const BACKUP_ID_PATTERN = /^(\d{8}T\d{6}Z)-[0-9a-z]{1,32}$/;

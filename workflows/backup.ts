@@ -21,7 +21,7 @@ import {
 import type * as activities from '../activities';
 import { compareStrings } from '../common/compare';
 import { NON_RETRYABLE_FAILURES } from '../common/failures';
-import { makeBackupId } from '../common/layout';
+import { makeBackupId, makeBackupIdBySecond } from '../common/layout';
 import { drillAfterBackup } from './drill';
 import type { SourceFailure } from '../common/manifest';
 import type { Plan, StepSettings } from '../common/plan';
@@ -68,7 +68,8 @@ function describeFailure(error: unknown): { type: string; message: string } {
 
 export async function backupWorkflow(input: BackupWorkflowInput): Promise<BackupWorkflowResult> {
   const info = workflowInfo();
-  const backupId = makeBackupId(info.runStartTime, info.runId);
+  // Histories started before ids carried milliseconds replay with the old id.
+  const backupId = patched('backup-id-milliseconds') ? makeBackupId(info.runStartTime, info.runId) : makeBackupIdBySecond(info.runStartTime, info.runId);
   const startedAt = info.runStartTime.toISOString();
   const progress: BackupProgress = { backupId, sources: [], sealed: false };
   setHandler(backupProgressQuery, () => progress);
