@@ -2,10 +2,12 @@
 // primary destination that the replica does not have, because it was down
 // or failed while they were written. backupWorkflow runs it after sealing,
 // so a replica that comes back receives what it missed with the next backup.
+import { Readable } from 'node:stream';
 import { Context } from '@temporalio/activity';
 import { isBackupId, manifestKey } from '../common/layout';
-import { MANIFEST_FILE, SIGNATURE_FILE } from '../common/manifest';
+import { MANIFEST_FILE, SIGNATURE_FILE, type Manifest } from '../common/manifest';
 import type { Plan } from '../common/plan';
+import { DigestStream } from './digest';
 import { activityLogger } from './logging';
 import { openBlobStore, type BlobStore } from './storage';
 
@@ -17,6 +19,8 @@ export interface ReplicaCatchUp {
   name: string;
   /** Backups copied into the replica, oldest first. */
   copied: string[];
+  /** Backups not copied because the primary's copy does not match its manifest: restore them from another destination. */
+  damaged?: Array<{ backupId: string; reason: string }>;
   /** Why the catch-up of this replica stopped: the replica is down, or a copy failed. */
   error?: string;
 }
@@ -41,20 +45,65 @@ async function newestCommitted(store: BlobStore, planName: string, depth: number
   return committed.reverse();
 }
 
+/** The primary's copy of a backup does not match its manifest, so it is not copied. */
+class DamagedBackupError extends Error {}
+
+async function readAll(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
 /**
  * Copies one backup folder, byte for byte: every object but the manifest and
  * its signature, then the signature, then the manifest, so that the copy
- * becomes a backup only once it is whole, as sealing does.
+ * becomes a backup only once it is whole, as sealing does. Each object the
+ * manifest lists in this folder must exist in the source and match the
+ * recorded size and SHA-256 as it streams; otherwise the objects copied so
+ * far are removed and DamagedBackupError names the object.
  */
 async function copyBackup(from: BlobStore, to: BlobStore, planName: string, backupId: string): Promise<void> {
   const folder = `${planName}/${backupId}/`;
+  const manifestBytes = await readAll(await from.get(`${folder}${MANIFEST_FILE}`));
+  let manifest: Manifest;
+  try {
+    manifest = JSON.parse(manifestBytes.toString('utf8')) as Manifest;
+  } catch (error) {
+    throw new DamagedBackupError(`${folder}${MANIFEST_FILE} is not valid JSON: ${(error as Error).message}`);
+  }
+  const expected = new Map<string, { size: number; sha256: string }>();
+  for (const artifact of manifest.artifacts ?? []) {
+    if (!artifact.storedIn || artifact.storedIn === backupId) expected.set(`${folder}${artifact.key}`, artifact);
+  }
+  if (manifest.facts) expected.set(`${folder}${manifest.facts.key}`, manifest.facts);
+
   const keys: string[] = [];
   for await (const object of from.list(folder)) keys.push(object.key);
+  const missing = [...expected.keys()].find((key) => !keys.includes(key));
+  if (missing) throw new DamagedBackupError(`${missing} is missing, although the manifest lists it`);
+
   const last = [`${folder}${SIGNATURE_FILE}`, `${folder}${MANIFEST_FILE}`];
-  const ordered = [...keys.filter((key) => !last.includes(key)), ...last.filter((key) => keys.includes(key))];
-  for (const key of ordered) {
-    heartbeat({ backupId, key });
-    await to.put(key, await from.get(key));
+  const copied: string[] = [];
+  try {
+    for (const key of [...keys.filter((candidate) => !last.includes(candidate)), `${folder}${SIGNATURE_FILE}`]) {
+      if (!keys.includes(key)) continue;
+      heartbeat({ backupId, key });
+      const digest = new DigestStream();
+      copied.push(key);
+      const source = await from.get(key);
+      source.on('error', (error) => digest.destroy(error));
+      await to.put(key, source.pipe(digest));
+      const record = expected.get(key);
+      if (record && (digest.bytes !== record.size || digest.digest() !== record.sha256)) {
+        throw new DamagedBackupError(
+          `${key} does not match the manifest: ${digest.bytes} bytes with SHA-256 ${digest.digest()}, recorded ${record.size} bytes with ${record.sha256}`,
+        );
+      }
+    }
+    await to.put(`${folder}${MANIFEST_FILE}`, Readable.from([manifestBytes]));
+  } catch (error) {
+    await Promise.allSettled(copied.map((key) => to.delete(key)));
+    throw error;
   }
 }
 
@@ -79,7 +128,14 @@ export async function catchUpReplicas(input: { plan: Plan; exclude?: string; dep
     try {
       for (const backupId of recent) {
         if (await store.stat(manifestKey(plan.name, backupId))) continue;
-        await copyBackup(primary, store, plan.name, backupId);
+        try {
+          await copyBackup(primary, store, plan.name, backupId);
+        } catch (error) {
+          if (!(error instanceof DamagedBackupError)) throw error;
+          (result.damaged ??= []).push({ backupId, reason: error.message });
+          log.warn({ replica: replica.name, backupId, error: error.message }, 'backup not copied: the primary copy does not match its manifest');
+          continue;
+        }
         result.copied.push(backupId);
         log.info({ replica: replica.name, backupId }, 'backup copied to the replica that missed it');
       }

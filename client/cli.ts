@@ -161,6 +161,9 @@ function printResult(result: BackupWorkflowResult, print: (line: string) => void
   }
   for (const replica of result.caughtUp ?? []) {
     if (replica.copied.length > 0) print(`  destination ${replica.name}: copied ${replica.copied.length} earlier backup(s) it missed: ${replica.copied.join(', ')}`);
+    for (const entry of replica.damaged ?? []) {
+      print(`  destination ${replica.name}: not copied ${entry.backupId}, whose primary copy is damaged: ${entry.reason}`);
+    }
     if (replica.error) print(`  destination ${replica.name}: catch-up stopped: ${replica.error}`);
   }
   for (const failure of result.failures) {

@@ -95,7 +95,7 @@ export interface BackupWorkflowResult {
    * Plans with replicas: earlier backups copied to a replica that had missed
    * them, and why a replica's catch-up stopped. Only replicas with either.
    */
-  caughtUp?: Array<{ name: string; copied: string[]; error?: string }>;
+  caughtUp?: Array<{ name: string; copied: string[]; damaged?: Array<{ backupId: string; reason: string }>; error?: string }>;
   /** Outcome of the restore drill that `drillAfter` requested; `error` gives the reason a drill could not run. */
   drill?: { outcome: 'passed' | 'failed'; reportKey?: string; error?: string };
 }

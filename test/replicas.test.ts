@@ -8,6 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import { generateIdentity } from '../activities/crypto/age';
 import { S3BlobStore } from '../activities/storage/s3';
 import { listBackups } from '../client/backups';
@@ -218,4 +219,15 @@ test('a replica that comes back receives the backups it missed', async () => {
   // Nothing is missing any more: the next backup copies nothing.
   const third = await stack.backup(plan(s3.endpoint));
   assert.equal(third.caughtUp, undefined);
+
+  // A missed backup whose primary copy was damaged since is not copied, and nothing of it is left in the replica.
+  const damaged = await stack.backup(plan(deadEndpoint));
+  const primary = new S3BlobStore(bucket('backups-east'));
+  await primary.put(`catch-up/${damaged.backupId}/opa/edge.tar.gz.age`, Readable.from([Buffer.from('not what was stored')]));
+  const after = await stack.backup(plan(s3.endpoint));
+  assert.equal(after.caughtUp?.length, 1);
+  assert.deepEqual(after.caughtUp?.[0].copied, []);
+  assert.equal(after.caughtUp?.[0].damaged?.[0].backupId, damaged.backupId);
+  assert.match(after.caughtUp?.[0].damaged?.[0].reason ?? '', /opa\/edge\.tar\.gz\.age does not match the manifest: 19 bytes/);
+  assert.deepEqual([...(await objects(new S3BlobStore(bucket('backups-west')), `catch-up/${damaged.backupId}/`)).keys()], []);
 });

@@ -292,7 +292,7 @@ async function catchUp(plan: Plan, backupId: string): Promise<BackupWorkflowResu
   if (!plan.replicas || plan.replicas.length === 0) return undefined;
   try {
     const results = await catchUpActivities.catchUpReplicas({ plan, exclude: backupId });
-    return results.filter((result) => result.copied.length > 0 || result.error);
+    return results.filter((result) => result.copied.length > 0 || result.damaged || result.error);
   } catch (error) {
     log.warn('replica catch-up failed; the next backup tries again', { error: describeFailure(error).message });
     return undefined;
