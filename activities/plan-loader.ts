@@ -214,7 +214,9 @@ export function loadPlanFile(file: string, options: { checkReferences?: boolean 
     }
   });
   if (unsafe.length > 0) throw new PlanError(file, unsafe);
-  const plan = resolvePaths(validatePlan(document.toJS(), file), path.dirname(path.resolve(file)));
+  const resolved = resolvePaths(validatePlan(document.toJS(), file), path.dirname(path.resolve(file)));
+  // Checks that compare paths, such as two destinations in one folder, see them resolved only now.
+  const plan = validatePlan(resolved, file);
   if (options.checkReferences) {
     const issues = checkPlanReferences(plan);
     if (issues.length > 0) throw new PlanError(file, issues);

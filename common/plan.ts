@@ -228,13 +228,18 @@ const destination = z
 
 /**
  * Returns a key that is equal for two destinations that store in the same
- * place: a local path with its "." segments, repeated and trailing slashes
- * removed, or an S3 endpoint, bucket and prefix.
+ * place: a local path with its "." and ".." segments, repeated and trailing
+ * slashes resolved, or an S3 endpoint, bucket and prefix. Symbolic links
+ * are not followed: validation reads no file system.
  */
 function destinationLocation(destination: { local?: { path: string }; s3?: { bucket: string; prefix?: string; endpoint?: string; region?: string } }): string {
   if (destination.local) {
-    const normalised = destination.local.path.split('/').filter((segment, index) => segment !== '.' && (segment !== '' || index === 0)).join('/');
-    return `local:${normalised || '/'}`;
+    const segments: string[] = [];
+    destination.local.path.split('/').forEach((segment, index) => {
+      if (segment === '..' && segments.length > 0 && segments[segments.length - 1] !== '..' && segments[segments.length - 1] !== '') segments.pop();
+      else if (segment !== '.' && (segment !== '' || index === 0)) segments.push(segment);
+    });
+    return `local:${segments.join('/') || '/'}`;
   }
   const s3 = destination.s3;
   if (!s3) return 'none';

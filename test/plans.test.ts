@@ -403,3 +403,19 @@ test('a cron that never runs is rejected', () => {
   // With a day of the week as well, cron runs on either, so the date alone does not decide.
   assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { cron: '0 2 30 2 1' } } }, 'inline'));
 });
+
+test('a replica at the destination folder is rejected after paths resolve', () => {
+  const directory = mkdtempSync(path.join(runsDirectory, 'same-folder-'));
+  const file = path.join(directory, 'plan.yaml');
+  writeFileSync(
+    file,
+    [
+      'name: same-folder',
+      'destination: { local: { path: ./backups } }',
+      `replicas: [{ name: copy, local: { path: ${JSON.stringify(path.join(directory, 'other', '..', 'backups'))} } }]`,
+      'encryption: { unencrypted: true }',
+      'sources: { opa: [{ name: a, url: "http://127.0.0.1:1" }] }',
+    ].join('\n'),
+  );
+  assert.throws(() => loadPlanFile(file), /replicas\[0\]: is the same location as the destination/);
+});
