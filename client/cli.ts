@@ -179,11 +179,17 @@ async function backupCommand(options: { plan: string; wait?: boolean; json?: boo
   try {
     // The plan's fixed id: Temporal rejects the start while a manual or scheduled backup of the plan runs.
     const workflowId = planWorkflowId(plan.name, 'backup');
-    const handle = await client.workflow.start('backupWorkflow', { taskQueue, workflowId, args: [{ plan }] }).catch((error: unknown) => {
+    const handle = await client.workflow.start('backupWorkflow', { taskQueue, workflowId, args: [{ plan }] }).catch(async (error: unknown) => {
       if (!(error instanceof WorkflowExecutionAlreadyStartedError)) throw error;
+      // The running backup may have been started on another task queue; name the one it waits on.
+      const runningQueue = await client.workflow
+        .getHandle(workflowId)
+        .describe()
+        .then((description) => description.taskQueue)
+        .catch(() => taskQueue);
       throw new ExitError(
         `a backup of plan ${plan.name} is already running as workflow ${workflowId}; wait for it ` +
-          `(temporal workflow show --workflow-id ${workflowId}) and try again. If no worker polls task queue "${taskQueue}", ` +
+          `(temporal workflow show --workflow-id ${workflowId}) and try again. If no worker polls task queue "${runningQueue}", ` +
           `start one, or end that run with: temporal workflow terminate --workflow-id ${workflowId}`,
         EXIT_BUSY,
       );

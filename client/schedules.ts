@@ -388,8 +388,10 @@ async function runOutcome(client: Client, workflowId: string): Promise<string> {
     const handle = client.workflow.getHandle(workflowId);
     const { status } = await handle.describe();
     if (status.name !== 'COMPLETED') return status.name.toLowerCase();
-    const result = (await handle.result()) as { outcome?: string; reason?: string } | undefined;
-    return result?.outcome === 'skipped' ? `skipped: ${result.reason ?? 'a run was already running'}` : 'completed';
+    const result = (await handle.result()) as { outcome?: string; reason?: string; result?: { status?: unknown } } | undefined;
+    if (result?.outcome === 'skipped') return `skipped: ${result.reason ?? 'a run was already running'}`;
+    // A backup's own status: a partial backup completes its workflow too.
+    return typeof result?.result?.status === 'string' ? `completed, ${result.result.status}` : 'completed';
   } catch (error) {
     return `unknown: ${(error as Error).message}`;
   }

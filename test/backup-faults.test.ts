@@ -350,6 +350,14 @@ test('CLI warns when no worker polls the task queue', async () => {
   try {
     assert.equal(run.status, 0, run.stderr);
     assert.match(run.stderr, new RegExp(`warning: no worker polls task queue "${taskQueue}"`));
+    // A second start, on the polled queue, names the queue the stuck run waits on.
+    const second = spawnSync(process.execPath, [cli, 'backup', '--plan', planFile], {
+      env: { ...process.env, TEMPORAL_ADDRESS: stack.temporal.address, OPA_BACKUP_TASK_QUEUE: stack.taskQueue },
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
+    assert.equal(second.status, 75, second.stderr);
+    assert.match(second.stderr, new RegExp(`If no worker polls task queue "${taskQueue}", start one, or end that run with: temporal workflow terminate`));
   } finally {
     await stack.client.workflow.getHandle('opa-backup/no-worker/backup').terminate('test cleanup');
   }

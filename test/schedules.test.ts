@@ -221,7 +221,7 @@ test('trigger runs backup that stores manifest', async () => {
   const described = await cli(['schedule', 'describe', '--plan', planFile]);
   assert.equal(described.status, 0, described.stderr);
   assert.match(described.stdout, /runs started 1, not started because of the overlap policy 0/);
-  assert.match(described.stdout, new RegExp(`ran at \\S+: ${wrappers[0].workflowId}, completed$`, 'm'));
+  assert.match(described.stdout, new RegExp(`ran at \\S+: ${wrappers[0].workflowId}, completed, complete$`, 'm'));
 });
 
 test('manual and scheduled backups never overlap', async () => {
