@@ -3,15 +3,21 @@
 // or failed while they were written. backupWorkflow runs it after sealing,
 // so a replica that comes back receives what it missed with the next backup.
 import { Readable } from 'node:stream';
-import { Context } from '@temporalio/activity';
 import { isBackupId, manifestKey } from '../common/layout';
 import { MANIFEST_FILE, SIGNATURE_FILE, type Manifest } from '../common/manifest';
 import type { Plan } from '../common/plan';
+import { readAll } from './artifacts';
 import { DigestStream } from './digest';
+import { heartbeatIfActivity } from './heartbeat';
 import { activityLogger } from './logging';
 import { openBlobStore, type BlobStore } from './storage';
 
-/** Newest committed backups of the primary that each run compares with every replica. */
+/**
+ * Number of the primary's newest committed backups that each run compares
+ * with every replica.
+ * NOTE: a replica that missed more backups than this receives only the
+ * newest ones; older ones need a manual copy.
+ */
 export const CATCH_UP_DEPTH = 20;
 
 export interface ReplicaCatchUp {
@@ -23,14 +29,6 @@ export interface ReplicaCatchUp {
   damaged?: Array<{ backupId: string; reason: string }>;
   /** Why the catch-up of this replica stopped: the replica is down, or a copy failed. */
   error?: string;
-}
-
-function heartbeat(details: unknown): void {
-  try {
-    Context.current().heartbeat(details);
-  } catch {
-    // Not inside an activity.
-  }
 }
 
 /** Returns the newest `depth` backups of the store that have a manifest, oldest first, without `exclude`. */
@@ -48,19 +46,12 @@ async function newestCommitted(store: BlobStore, planName: string, depth: number
 /** The primary's copy of a backup does not match its manifest, so it is not copied. */
 class DamagedBackupError extends Error {}
 
-async function readAll(stream: NodeJS.ReadableStream): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(chunk as Buffer);
-  return Buffer.concat(chunks);
-}
-
 /**
- * Copies one backup folder, byte for byte: every object but the manifest and
- * its signature, then the signature, then the manifest, so that the copy
- * becomes a backup only once it is whole, as sealing does. Each object the
- * manifest lists in this folder must exist in the source and match the
- * recorded size and SHA-256 as it streams; otherwise the objects copied so
- * far are removed and DamagedBackupError names the object.
+ * Copies one backup folder byte for byte, with the signature and then the
+ * manifest last, so that the copy becomes a backup only once it is whole.
+ * Each object the manifest lists in this folder must exist in the source and
+ * match its recorded size and SHA-256. Otherwise the objects copied so far
+ * are removed, and DamagedBackupError names the object.
  */
 async function copyBackup(from: BlobStore, to: BlobStore, planName: string, backupId: string): Promise<void> {
   const folder = `${planName}/${backupId}/`;
@@ -87,7 +78,7 @@ async function copyBackup(from: BlobStore, to: BlobStore, planName: string, back
   try {
     for (const key of [...keys.filter((candidate) => !last.includes(candidate)), `${folder}${SIGNATURE_FILE}`]) {
       if (!keys.includes(key)) continue;
-      heartbeat({ backupId, key });
+      heartbeatIfActivity({ backupId, key });
       const digest = new DigestStream();
       copied.push(key);
       const source = await from.get(key);

@@ -18,6 +18,7 @@ import {
   type RetentionResult,
 } from '../common/retention';
 import { activityLogger } from './logging';
+import { heartbeatIfActivity } from './heartbeat';
 import { openNamedDestination, type BlobStore } from './storage';
 import type { StoredObject } from './storage/blob-store';
 
@@ -107,15 +108,6 @@ async function readJson(store: BlobStore, key: string): Promise<unknown> {
   return JSON.parse(Buffer.concat(chunks).toString('utf8'));
 }
 
-/** Heartbeats when running as an activity; a no-op elsewhere (the benchmark calls these functions directly). */
-function heartbeat(details?: unknown): void {
-  try {
-    Context.current().heartbeat(details);
-  } catch {
-    // Not inside an activity.
-  }
-}
-
 /** Folders per listing range, and listings in flight at once, when the store can list from a key. */
 const FOLDERS_PER_RANGE = 500;
 const LISTINGS_IN_FLIGHT = 8;
@@ -194,7 +186,7 @@ async function summariseRange(
   };
   for await (const object of objects) {
     if (end !== undefined && object.key > end) break;
-    if (++progress.listed % 5000 === 0) heartbeat({ listed: progress.listed });
+    if (++progress.listed % 5000 === 0) heartbeatIfActivity({ listed: progress.listed });
     const rest = object.key.slice(planPrefix.length);
     const slash = rest.indexOf('/');
     if (slash <= 0) continue;
@@ -301,7 +293,7 @@ async function decide(
       if ('error' in result) unreadable.set(id, result.error);
       else read.set(id, result);
     });
-    heartbeat({ manifestsRead: read.size });
+    heartbeatIfActivity({ manifestsRead: read.size });
   }
 }
 
@@ -491,7 +483,7 @@ async function deleteInBulk(store: BlobStore, planName: string, backupIds: strin
   if (backupIds.length === 0) return;
   const sorted = [...backupIds].sort();
   await store.deleteMany!(sorted.map((id) => manifestKey(planName, id)));
-  heartbeat({ manifestsDeleted: sorted.length });
+  heartbeatIfActivity({ manifestsDeleted: sorted.length });
 
   const deleter = new BulkDeleter(store);
   if (contents) {
@@ -560,7 +552,7 @@ class BulkDeleter {
     const request = this.store.deleteMany!(keys).then(
       () => {
         this.deleted += keys.length;
-        heartbeat({ objectsDeleted: this.deleted });
+        heartbeatIfActivity({ objectsDeleted: this.deleted });
       },
       (error: unknown) => {
         this.failure ??= error;
@@ -626,7 +618,7 @@ export async function deleteBackups(input: {
     let done = 0;
     await mapLimit(toDelete, DELETE_CONCURRENCY, async (backupId) => {
       await deleteBackup(store, plan.name, backupId);
-      if (++done % 200 === 0) heartbeat({ deleted: done });
+      if (++done % 200 === 0) heartbeatIfActivity({ deleted: done });
     });
   }
   log.info({ deleted: toDelete.length, skipped: skipped.length }, 'backups deleted');

@@ -228,9 +228,10 @@ const destination = z
 
 /**
  * Returns a key that is equal for two destinations that store in the same
- * place: a local path with its "." and ".." segments, repeated and trailing
- * slashes resolved, or an S3 endpoint, bucket and prefix. Symbolic links
- * are not followed: validation reads no file system.
+ * place. For a local path, "." and ".." segments and repeated or trailing
+ * slashes are resolved; for S3, the key is the endpoint, bucket and prefix.
+ * NOTE: symbolic links are not followed, because validation reads no file
+ * system, so a link to another destination's folder passes.
  */
 function destinationLocation(destination: { local?: { path: string }; s3?: { bucket: string; prefix?: string; endpoint?: string; region?: string } }): string {
   if (destination.local) {
@@ -275,6 +276,9 @@ const CRON_FIELDS: ReadonlyArray<{ label: string; min: number; max: number }> = 
 
 const CRON_MACROS = new Set(['@yearly', '@annually', '@monthly', '@weekly', '@daily', '@midnight', '@hourly']);
 
+/** One comma-separated part of a cron field: "*", "5" or "5-9", each with an optional "/step". */
+const CRON_PART = /^(\*|(\d+)(?:-(\d+))?)(?:\/(\d+))?$/;
+
 /** Returns why a five-field cron expression is invalid, or undefined when it is valid. */
 export function cronProblem(expression: string): string | undefined {
   const trimmed = expression.trim();
@@ -286,7 +290,7 @@ export function cronProblem(expression: string): string | undefined {
   for (let index = 0; index < 5; index++) {
     const { label, min, max } = CRON_FIELDS[index];
     for (const part of fields[index].split(',')) {
-      const match = /^(\*|(\d+)(?:-(\d+))?)(?:\/(\d+))?$/.exec(part);
+      const match = CRON_PART.exec(part);
       if (!match) return `"${part}" is not a valid ${label} field in "${expression}"`;
       for (const number of [match[2], match[3]]) {
         if (number !== undefined && (Number(number) < min || Number(number) > max)) {
@@ -315,7 +319,7 @@ const DAYS_IN_MONTH = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
 function expandCronField(field: string, min: number, max: number): number[] {
   const values = new Set<number>();
   for (const part of field.split(',')) {
-    const match = /^(\*|(\d+)(?:-(\d+))?)(?:\/(\d+))?$/.exec(part)!;
+    const match = CRON_PART.exec(part)!;
     const step = match[4] !== undefined ? Number(match[4]) : 1;
     let start = min;
     let end = max;
