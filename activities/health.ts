@@ -4,7 +4,6 @@
 // them. healthWorkflow runs these as activities; `opa-backup status --local`
 // calls runHealthChecks in the CLI process.
 import type { IncomingMessage } from 'node:http';
-import { Context } from '@temporalio/activity';
 import { compareStrings } from '../common/compare';
 import { manifestKey } from '../common/layout';
 import type { Manifest } from '../common/manifest';
@@ -12,6 +11,7 @@ import { MANIFEST_FILE, statusInDestination } from '../common/manifest';
 import type { Plan } from '../common/plan';
 import { parseDuration } from '../common/retention';
 import { failureSourceName, recordDrillSuccess, recordSourceSuccess, sourceKindOf } from './metrics';
+import { heartbeatIfActivity } from './heartbeat';
 import { connectOpa, opaRequest } from './opa/client';
 import { openBlobStore, type BlobStore } from './storage';
 
@@ -54,14 +54,6 @@ export interface HealthReport {
 /** Largest /v1/status or data.system.bundles response read; OPA's status can carry Prometheus metrics. */
 const MAX_OPA_RESPONSE_BYTES = 8 * 1024 * 1024;
 const OPA_REQUEST_TIMEOUT_MS = 15_000;
-
-function heartbeat(details?: unknown): void {
-  try {
-    Context.current().heartbeat(details);
-  } catch {
-    // Outside an activity (the CLI's local checks) there is no heartbeat to send.
-  }
-}
 
 /** Returns the state and reason of an age against an optional plan limit. */
 function judgeAge(ageSeconds: number, limit: string | undefined, what: string): { state: HealthState; reason: string } {
@@ -111,7 +103,7 @@ async function listStoredObjects(store: BlobStore, planName: string): Promise<St
   const drillReports: string[] = [];
   let seen = 0;
   for await (const object of store.list(prefix)) {
-    if (++seen % 5000 === 0) heartbeat({ listed: seen });
+    if (++seen % 5000 === 0) heartbeatIfActivity({ listed: seen });
     const rest = object.key.slice(prefix.length);
     const slash = rest.indexOf('/');
     if (slash <= 0) continue;
@@ -153,7 +145,7 @@ async function checkNewestBackup(
   const sourceTimes = new Map<string, { backupId: string; completedAt: string }>();
   for (let index = sealed.length - 1; index >= 0 && !newestComplete; index--) {
     const backupId = sealed[index];
-    heartbeat({ manifest: backupId });
+    heartbeatIfActivity({ manifest: backupId });
     let manifest: Manifest;
     try {
       manifest = (await readJson(store, manifestKey(plan.name, backupId))) as Manifest;
@@ -205,8 +197,8 @@ async function checkNewestBackup(
 }
 
 /**
- * Activity: the age of the newest complete backup in one replica of the
- * plan, checked as `checkStoredBackups` checks the primary's. A replica
+ * Activity: checks the age of the newest complete backup in one replica of
+ * the plan, as `checkStoredBackups` checks the primary's. A replica
  * that was down during the last backups contains only older ones, and
  * this check shows it. The check is named "backup <replica>".
  */
@@ -282,7 +274,7 @@ async function checkDrills(store: BlobStore, plan: Plan, reportKeys: string[], n
   byStart.sort((a, b) => compareStrings(b.stamp, a.stamp));
   let failedNewer = 0;
   for (const { key } of byStart) {
-    heartbeat({ drillReport: key });
+    heartbeatIfActivity({ drillReport: key });
     let report: { outcome?: unknown; completedAt?: unknown; backupId?: unknown };
     try {
       report = (await readJson(store, key)) as typeof report;

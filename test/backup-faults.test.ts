@@ -329,7 +329,7 @@ test('CLI shows why the worker rejected the plan', async () => {
   assert.match(run.stderr, /backup failed: .*sources\.opa\[0\]\.token: environment variable OPA_FAULTS_SET_ONLY_FOR_THE_CLI .*is not set/);
 });
 
-test('CLI warns when no worker polls the task queue', async () => {
+test('CLI warns without polling worker', async () => {
   const taskQueue = `nobody-polls-${randomBytes(4).toString('hex')}`;
   const planFile = path.join(folder, 'no-worker-plan.yaml');
   writeFileSync(

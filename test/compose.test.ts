@@ -28,7 +28,7 @@ function setupVersion(name: string): string {
   return match[1];
 }
 
-test('compose plan loads and its probe is defined by the demo policy', () => {
+test('compose plan probe is defined', () => {
   const plan = loadPlanFile(path.join(repositoryRoot, 'examples', 'compose-plan.yaml'));
   assert.equal(plan.destination.s3?.endpoint, 'http://minio:9000');
   assert.ok(compose.services.minio, 'the plan writes to the minio service');
@@ -44,7 +44,7 @@ test('compose plan loads and its probe is defined by the demo policy', () => {
   assert.equal(typeof result.result?.[0]?.expressions[0]?.value, 'boolean', `probe ${probe.path} is undefined: ${output}`);
 });
 
-test('compose mounts and builds from paths that exist', () => {
+test('compose paths exist', () => {
   for (const [name, service] of Object.entries(compose.services)) {
     for (const volume of service.volumes ?? []) {
       const source = volume.split(':')[0];
@@ -59,7 +59,7 @@ test('compose mounts and builds from paths that exist', () => {
   }
 });
 
-test('compose and Dockerfile images match the tested versions', () => {
+test('compose images match tested versions', () => {
   const opaVersion = setupVersion('OPA_VERSION');
   const temporalVersion = setupVersion('TEMPORAL_CLI_VERSION');
   assert.equal(compose.services.opa.image, `openpolicyagent/opa:${opaVersion}`);

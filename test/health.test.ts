@@ -233,7 +233,7 @@ test('unreachable OPA is unknown, not stale', async () => {
   assert.deepEqual(report.stale, []);
 });
 
-test('health checks the newest backup in each replica', async () => {
+test('health checks each replica', async () => {
   const mirror = path.join(folder, 'mirror');
   const plan: Plan = {
     ...planOf('health-replicas', { maxBackupAge: '1h' }),
@@ -260,7 +260,7 @@ test('health checks the newest backup in each replica', async () => {
   assert.match(local.stdout, /^backup late\s+STALE\s/m);
 });
 
-test('a backup a replica missed is complete in the primary', async () => {
+test('replica-missed backup complete in primary', async () => {
   // The replica's path is a file, so every put to it fails.
   const blocked = path.join(folder, 'blocked-replica');
   writeFileSync(blocked, 'not a folder');
@@ -279,7 +279,7 @@ test('a backup a replica missed is complete in the primary', async () => {
   assert.deepEqual(report.stale, ['backup blocked'], 'only the replica that missed the backup is stale');
 });
 
-test('status exits 7 when a destination cannot be read', async () => {
+test('status exits 7 on unreadable destination', async () => {
   const deadPort = await freePort();
   const plan: Plan = {
     ...planOf('health-unreachable', {}),

@@ -334,7 +334,7 @@ test('an identity that matches no recipient is named', () => {
   assert.deepEqual(checkPlanReferences(matching), []);
 });
 
-test('schedule offset must be shorter than its interval', () => {
+test('schedule offset shorter than interval', () => {
   const base = {
     name: 'p',
     destination: { local: { path: '/tmp/x' } },
@@ -348,7 +348,7 @@ test('schedule offset must be shorter than its interval', () => {
   assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { every: '1h', offset: '59m' } } }, 'inline'));
 });
 
-test('retention count below 1 names the fix', () => {
+test('retention count below one rejected', () => {
   assert.throws(
     () =>
       validatePlan(
@@ -365,7 +365,7 @@ test('retention count below 1 names the fix', () => {
   );
 });
 
-test('a replica at the destination folder is rejected', () => {
+test('replica at destination folder rejected', () => {
   const base = {
     name: 'p',
     destination: { local: { path: '/srv/backups' } },
@@ -388,7 +388,7 @@ test('a replica at the destination folder is rejected', () => {
   assert.doesNotThrow(() => validatePlan({ ...base, replicas: [{ name: 'one', s3: bucket }, { name: 'two', s3: { ...bucket, prefix: 'other' } }] }, 'inline'));
 });
 
-test('a cron that never runs is rejected', () => {
+test('cron that never runs rejected', () => {
   const base = {
     name: 'p',
     destination: { local: { path: '/tmp/x' } },
@@ -404,7 +404,7 @@ test('a cron that never runs is rejected', () => {
   assert.doesNotThrow(() => validatePlan({ ...base, schedule: { backup: { cron: '0 2 30 2 1' } } }, 'inline'));
 });
 
-test('a replica at the destination folder is rejected after paths resolve', () => {
+test('replica folder compared after resolving', () => {
   const directory = mkdtempSync(path.join(runsDirectory, 'same-folder-'));
   const file = path.join(directory, 'plan.yaml');
   writeFileSync(

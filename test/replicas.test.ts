@@ -151,7 +151,7 @@ test('the CLI prints each destination of a backup', async () => {
   assert.match(child.stdout, /destination primary: complete\n\s+destination west: complete/);
 });
 
-test('verify reads each object from the first destination that has it', async () => {
+test('verify falls back to replicas', async () => {
   const plan: Plan = {
     name: 'replicated-verify',
     destination: { s3: bucket('backups-east') },
@@ -185,7 +185,7 @@ test('verify reads each object from the first destination that has it', async ()
   assert.match(unknown.stderr, /--destination "north" is not a destination of plan replicated-verify; use one of primary, west/);
 });
 
-test('a replica that comes back receives the backups it missed', async () => {
+test('returning replica receives missed backups', async () => {
   const deadEndpoint = `http://127.0.0.1:${await freePort()}`;
   const plan = (endpoint: string): Plan => ({
     name: 'catch-up',

@@ -485,7 +485,7 @@ test('retention prunes every replica', async () => {
   assert.match(text.stdout, /FAILED: /);
 });
 
-test('retention lists in ranges and deletes what the listing found', async () => {
+test('retention lists ranges, deletes listed keys', async () => {
   // 1,100 folders make three listing ranges. Their artifacts have 80
   // different names, more key sets than planRetention keeps, so some
   // folders are listed again at delete time. Every 100th has a drill report.

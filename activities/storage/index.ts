@@ -33,6 +33,8 @@ export function openWriteStore(plan: Pick<Plan, 'destination' | 'replicas'>): Bl
  * Opens the store that backups are read from. With replicas, each object
  * comes from the first destination, in plan order, that has it, so a
  * backup stays readable while a destination is down or lacks an object.
+ * NOTE: a damaged object in an earlier destination is still the one read,
+ * even when a later destination has it intact.
  */
 export function openReadStore(plan: Pick<Plan, 'destination' | 'replicas'>): BlobStore {
   return openWriteStore(plan);
